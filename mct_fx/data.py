@@ -1,0 +1,80 @@
+"""Calibration data: turn whatever the user iterates into validated model inputs.
+
+A loader may yield a tensor, a tuple/list whose first item is the input (a
+``DataLoader`` of ``(image, label)`` works as is), or a dict of named inputs.
+Each batch is checked as it arrives (empty, NaN/Inf), and errors name the batch
+index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["CalibrationError", "ModelInputs", "split_batch", "iter_batches", "to_device"]
+
+ModelInputs = tuple[tuple, dict]
+
+
+class CalibrationError(ValueError):
+    """Bad calibration data; the message names the batch at fault."""
+
+
+def split_batch(batch: Any, index: int) -> ModelInputs:
+    """``(args, kwargs)`` for the model from one loader item."""
+    if isinstance(batch, Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise CalibrationError(f"calibration batch {index} is an empty {type(batch).__name__}")
+        return (batch[0],), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    raise CalibrationError(
+        f"calibration batch {index} is a {type(batch).__name__}; expected a tensor, "
+        "a tuple/list whose first item is the input, or a dict of inputs")
+
+
+def _check(inputs: ModelInputs, index: int) -> None:
+    args, kwargs = inputs
+    named = [(f"input {i}", a) for i, a in enumerate(args)] + [(f"input {k!r}", v) for k, v in kwargs.items()]
+    for name, value in named:
+        if not isinstance(value, Tensor):
+            continue
+        if value.numel() == 0:
+            raise CalibrationError(f"calibration batch {index}: {name} is empty (shape {tuple(value.shape)})")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CalibrationError(f"calibration batch {index}: {name} contains NaN or Inf values")
+
+
+def iter_batches(loader: Iterable, n_batches: int | None = None) -> Iterator[ModelInputs]:
+    """Validated ``(args, kwargs)`` per batch; at most ``n_batches``; raises if there are none."""
+    if n_batches is not None and n_batches < 1:
+        raise CalibrationError(f"n_batches must be >= 1, got {n_batches}")
+    try:
+        iterator = iter(loader)
+    except TypeError:
+        raise CalibrationError(f"calibration data must be iterable, got {type(loader).__name__}") from None
+    count = 0
+    for index, batch in enumerate(iterator):
+        if n_batches is not None and index >= n_batches:
+            break
+        inputs = split_batch(batch, index)
+        _check(inputs, index)
+        count += 1
+        yield inputs
+    if count == 0:
+        raise CalibrationError("the calibration loader yielded no batches")
+
+
+def to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
+    """Move every tensor input to ``device``."""
+    args, kwargs = inputs
+
+    def move(v: Any) -> Any:
+        return v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}

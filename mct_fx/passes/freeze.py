@@ -1,0 +1,29 @@
+"""Freeze quantizers: choose every grid (threshold search) and switch to fake-quantization."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from mct_fx.config import QuantConfig
+from mct_fx.graph_utils import attr_value, quantizer_nodes
+from mct_fx.quantizers.modules import ActivationQuantizer, WeightQuantizer
+
+__all__ = ["freeze_quantizers"]
+
+
+def freeze_quantizers(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
+    """Search the grid of every observing quantizer (weights from their tensors, activations from histograms)."""
+    for node, q in quantizer_nodes(gm, ActivationQuantizer):
+        if q.mode != "observe":
+            continue
+        if q.observer.empty:
+            raise RuntimeError(f"activation quantizer {node.target!r} saw no data: was calibration run?")
+        q.freeze(config.activation_error_method, config.lp_norm)
+    for node, q in quantizer_nodes(gm, WeightQuantizer):
+        if q.mode != "observe":
+            continue
+        weight = attr_value(gm, node.args[0])
+        if weight is None:
+            raise RuntimeError(f"weight quantizer {node.target!r} does not read a parameter")
+        q.freeze(weight, config.weights_error_method, config.lp_norm)
+    return gm

@@ -1,0 +1,93 @@
+"""Post-training quantization: ``prepare`` (trace, graph passes, quantizers) and ``quantize``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from torch import fx, nn
+
+from mct_fx.config import QuantConfig
+from mct_fx.data import CalibrationError, iter_batches, split_batch, to_device
+from mct_fx.graph_utils import model_device
+from mct_fx.passes.bias_correction import add_missing_biases, correct_biases
+from mct_fx.passes.calibrate import calibrate
+from mct_fx.passes.fold_bn import fold_batchnorm
+from mct_fx.passes.freeze import freeze_quantizers
+from mct_fx.passes.functionalize import functionalize_layers
+from mct_fx.passes.insert_quantizers import insert_quantizers
+from mct_fx.passes.layer_inputs import observe_layer_inputs, remove_observers
+from mct_fx.quant_summary import QuantSummary, summarize
+from mct_fx.tpc.builtin import get_tpc
+from mct_fx.tpc.matching import annotate, describe_target
+from mct_fx.tpc.schema import TargetPlatformCapabilities
+from mct_fx.trace import trace
+
+__all__ = ["prepare", "quantize", "SUMMARY_KEY"]
+
+log = logging.getLogger("mct_fx")
+SUMMARY_KEY = "mct_fx.summary"
+TPCLike = str | os.PathLike | TargetPlatformCapabilities
+
+
+def prepare(model: nn.Module, example_batch: Any, tpc: TPCLike = "imx500", config: QuantConfig | None = None, *,
+            leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None,
+            inplace: bool = False) -> fx.GraphModule:
+    """Trace ``model``, fold BN, annotate from ``tpc`` and insert quantizers (observing, not yet calibrated).
+
+    ``example_batch`` is one item as a calibration loader yields it.  Loading a
+    quantized model's ``state_dict`` into the result reproduces that model.
+    """
+    target = get_tpc(tpc)
+    inputs = split_batch(example_batch, 0)
+    gm = trace(model, to_device(inputs, model_device(model)), leaf_modules=leaf_modules,
+               concrete_args=concrete_args, inplace=inplace)
+    functionalize_layers(gm)
+    fold_batchnorm(gm)
+    unknown = annotate(gm, target)
+    for node in unknown:
+        log.info("node %s (%s): op not in the vocabulary, left float", node.name, describe_target(node, gm))
+    insert_quantizers(gm)
+    if (config or QuantConfig()).weights_bias_correction:
+        add_missing_biases(gm)
+    gm.meta["mct_fx.tpc"] = target.name
+    return gm
+
+
+def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", config: QuantConfig | None = None,
+             *, n_batches: int | None = None, inplace: bool = False, verbose: bool = True,
+             leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Post-training quantization of ``model`` for ``tpc``, calibrated on ``calib_loader``.
+
+    Returns a ``torch.fx.GraphModule`` with quantizers in the graph; its per-layer
+    summary is ``mct_fx.summary(qmodel)`` (also in ``qmodel.meta["mct_fx.summary"]``).
+    The user's model is not modified unless ``inplace=True``.
+    """
+    config = config or QuantConfig()
+    get_tpc(tpc)  # fail on a bad target before touching any data
+    batches = iter_batches(calib_loader, n_batches)
+    first = next(batches, None)
+    if first is None:  # pragma: no cover - iter_batches raises on an empty loader
+        raise CalibrationError("the calibration loader yielded no batches")
+    args, kwargs = first
+    example = args[0] if args and not kwargs else kwargs
+    gm = prepare(model, example, tpc, config, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                 inplace=inplace)
+    inputs = observe_layer_inputs(gm) if config.weights_bias_correction else {}
+    n = calibrate(gm, itertools.chain([first], batches), verbose=verbose)
+    freeze_quantizers(gm, config)
+    if inputs:
+        correct_biases(gm, inputs, config.weights_error_method, config.lp_norm)
+        remove_observers(gm)
+    summary = summarize(gm)
+    gm.meta[SUMMARY_KEY] = summary
+    log.info("quantized with %s on %d calibration batches\n%s", gm.meta["mct_fx.tpc"], n, summary)
+    return gm
+
+
+def summary(qmodel: fx.GraphModule) -> QuantSummary:
+    """Per-layer summary of a quantized (or prepared) model."""
+    return qmodel.meta.get(SUMMARY_KEY) or summarize(qmodel)

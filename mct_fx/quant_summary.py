@@ -1,0 +1,91 @@
+"""Per-layer summary of a quantized GraphModule, read from the graph itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
+from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
+from mct_fx.tpc.matching import annotation, describe_target
+
+__all__ = ["LayerSummary", "QuantSummary", "summarize"]
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    node: str
+    op: str  # operator-set name ("?" for unknown ops)
+    target: str  # module class / function name
+    weights: str
+    activation: str
+    grid: str  # activation grid range, "lo..hi"
+
+
+@dataclass(frozen=True)
+class QuantSummary:
+    """What was quantized how; ``unknown`` lists nodes left float because their op is unknown."""
+
+    layers: tuple[LayerSummary, ...]
+    unknown: tuple[str, ...]
+
+    def __str__(self) -> str:
+        head = ("node", "op", "weights", "activation", "grid")
+        rows = [head] + [(r.node, f"{r.op} ({r.target})", r.weights, r.activation, r.grid) for r in self.layers]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if self.unknown:
+            lines.append(f"left float (op unknown to the vocabulary): {', '.join(self.unknown)}")
+        return "\n".join(lines)
+
+
+def _describe(q: FakeQuantizer) -> str:
+    sign = "" if q.method.value == "uniform" else (" signed" if q.signed else " unsigned")
+    where = ""
+    if isinstance(q, WeightQuantizer):
+        where = " per-tensor" if q.axis is None else " per-channel"
+    return f"{q.n_bits}b {q.method.value}{sign}{where}"
+
+
+def summarize(gm: fx.GraphModule) -> QuantSummary:
+    """Summarise every annotated node of a prepared or quantized ``gm``."""
+    quantizers: dict[tuple[str, str], FakeQuantizer] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and QUANTIZED_FROM in node.meta:
+            q = gm.get_submodule(node.target)
+            kind = "act" if node.target.endswith("_act_quant") else "weight" if node.target.endswith(
+                "_weight_quant") else "bias"
+            quantizers[(node.meta[QUANTIZED_FROM], kind)] = q
+    layers, unknown = [], []
+    for node in gm.graph.nodes:
+        ann = annotation(node)
+        if ann is None:
+            continue
+        if ann.op is None:
+            unknown.append(node.name)
+        wq = quantizers.get((node.name, "weight"))
+        aq = quantizers.get((node.name, "act"))
+        weights = _describe(wq) if wq is not None else "-"
+        if aq is not None:
+            activation = _describe(aq)
+            if aq.calibrated:
+                lo, hi = aq.grid_range()
+                grid = f"{float(lo):.4g}..{float(hi):.4g}"
+            else:
+                grid = "(not calibrated)"
+        else:
+            grid = ""
+            if ann.op is None:
+                activation = "float (unknown op)"
+            elif not ann.float_output:
+                activation = "-"
+            elif ann.fused_into:
+                activation = f"fused into {ann.fused_into}"
+            elif ann.config.quantization_preserving:
+                activation = "preserves input grid"
+            else:
+                activation = "not quantized"
+        layers.append(LayerSummary(node.name, ann.op or "?", describe_target(node, gm), weights, activation, grid))
+    return QuantSummary(tuple(layers), tuple(unknown))

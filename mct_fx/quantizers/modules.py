@@ -1,0 +1,145 @@
+"""Quantizer modules that live inside the graph.
+
+Each holds its grid in buffers (``scale``, ``zero_point``) and its discrete
+settings (mode, bits, signedness, integer range) in ``extra_state``, so
+``state_dict()`` saved from a calibrated model and loaded into a freshly
+prepared one reproduces it bit for bit.
+
+Modes: ``observe`` (pass through, collect statistics), ``frozen`` (fake
+quantize with the stored grid), ``off`` (pass through).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mct_fx.kernels import fake_quant
+from mct_fx.quantizers.histogram import StreamingHistogram
+from mct_fx.quantizers.params import QuantMethod, int_range
+from mct_fx.quantizers.search import ErrorMethod, search_params
+
+__all__ = ["FakeQuantizer", "ActivationQuantizer", "WeightQuantizer", "MODES"]
+
+MODES = ("observe", "frozen", "off")
+
+
+class FakeQuantizer(nn.Module):
+    """Common state of activation and weight quantizers."""
+
+    def __init__(self, method: QuantMethod | str, n_bits: int, signed: bool | None, channels: int | None):
+        super().__init__()
+        self.method = QuantMethod(method)
+        self.n_bits = int(n_bits)
+        self.signed = signed  # None: decided from the data when frozen
+        int_range(self.n_bits, True)  # validates n_bits
+        shape = () if channels is None else (channels,)
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.mode = "observe"
+        self.calibrated = False  # a grid has been chosen (by freeze or a loaded state_dict)
+        self.qmin, self.qmax = self._range()
+
+    def _range(self) -> tuple[int, int]:
+        signed = False if self.method is QuantMethod.UNIFORM else bool(self.signed) if self.signed is not None else True
+        return int_range(self.n_bits, signed)
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "frozen" and not self.calibrated:
+            raise RuntimeError("this quantizer has no grid yet: call freeze(...) or load a calibrated state_dict")
+        self.mode = mode
+
+    def _set_grid(self, scale: Tensor, zero_point: Tensor) -> None:
+        self.scale = scale.detach().to(self.scale.device, torch.float32).reshape(self.scale.shape).clone()
+        self.zero_point = zero_point.detach().to(self.zero_point.device, torch.float32).reshape(
+            self.zero_point.shape).clone()
+        self.qmin, self.qmax = self._range()
+        self.calibrated = True
+        self.mode = "frozen"
+
+    def grid_range(self) -> tuple[Tensor, Tensor]:
+        """Smallest and largest representable value (per channel for per-channel grids)."""
+        return (self.qmin - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"mode": self.mode, "calibrated": self.calibrated, "method": self.method.value,
+                "n_bits": self.n_bits, "signed": self.signed}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.method = QuantMethod(state["method"])
+        self.n_bits = int(state["n_bits"])
+        self.signed = state["signed"]
+        self.mode = state["mode"]
+        self.calibrated = bool(state["calibrated"])
+        self.qmin, self.qmax = self._range()
+
+    def extra_repr(self) -> str:
+        sign = {None: "auto-signed", True: "signed", False: "unsigned"}[self.signed]
+        if self.method is QuantMethod.UNIFORM:
+            sign = "asymmetric"
+        return f"{self.method.value}, {self.n_bits} bits, {sign}, {self.mode}"
+
+
+class ActivationQuantizer(FakeQuantizer):
+    """Per-tensor activation quantizer: histogram in ``observe``, fake-quant once frozen."""
+
+    def __init__(self, method: QuantMethod | str, n_bits: int, signed: bool | None = None):
+        super().__init__(method, n_bits, signed, channels=None)
+        self.observer = StreamingHistogram()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "frozen":
+            return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        if self.mode == "observe":
+            self.observer.update(x)
+        return x
+
+    def freeze(self, error: ErrorMethod | str = ErrorMethod.MSE, p: float = 2.0) -> None:
+        """Choose the grid from the observed histogram and switch to ``frozen``."""
+        if self.observer.empty:
+            raise RuntimeError("activation quantizer saw no data during calibration")
+        obs = self.observer
+        if self.signed is None:
+            self.signed = bool(obs.min < 0)
+        centres, counts = obs.centres_and_counts()
+        scale, zp = search_params(centres[None], counts[None], obs.min.reshape(1), obs.max.reshape(1),
+                                  self.method, self.n_bits, bool(self.signed), error, p)
+        self._set_grid(scale, zp)
+        self.observer = StreamingHistogram()
+
+
+class WeightQuantizer(FakeQuantizer):
+    """Weight quantizer, per-tensor or per-channel along ``axis``; weights use signed grids."""
+
+    def __init__(self, method: QuantMethod | str, n_bits: int, channels: int | None = None, axis: int = 0):
+        super().__init__(method, n_bits, signed=True, channels=channels)
+        self.axis = axis if channels is not None else None
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.mode == "frozen":
+            return fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+        return w
+
+    def freeze(self, weight: Tensor, error: ErrorMethod | str = ErrorMethod.MSE, p: float = 2.0,
+               importance: Tensor | None = None) -> None:
+        """Choose the grid for ``weight`` and switch to ``frozen``.
+
+        ``importance`` (the weight's shape, >= 0) weighs each element's error,
+        e.g. by the second moment of the input it multiplies.
+        """
+        w = weight.detach()
+        rows = self._rows(w)
+        counts = None if importance is None else self._rows(importance.detach().to(w.device))
+        scale, zp = search_params(rows, counts, rows.amin(1), rows.amax(1), self.method, self.n_bits, True, error, p)
+        self._set_grid(scale, zp)
+
+    def _rows(self, t: Tensor) -> Tensor:
+        return t.movedim(self.axis, 0).reshape(t.shape[self.axis], -1) if self.axis is not None else t.reshape(1, -1)
+
+    def extra_repr(self) -> str:
+        where = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
+        return f"{super().extra_repr()}, {where}"

@@ -1,0 +1,83 @@
+"""Quantization parameters of the uniform schemes, as pure tensor functions.
+
+A scheme is turned into the affine parameters the fake-quantize op takes
+(``scale``, integer ``zero_point``, integer range ``qmin..qmax``):
+
+* power-of-two (POT): symmetric around zero with a threshold ``2**k``;
+* symmetric: symmetric around zero with any positive threshold;
+* uniform: an asymmetric range ``[lo, hi]``, widened to contain 0 so that zero
+  is exactly representable (an integer zero point).
+
+Signed symmetric/POT use ``[-2**(n-1), 2**(n-1)-1]`` with ``scale = t / 2**(n-1)``;
+unsigned use ``[0, 2**n - 1]`` with ``scale = t / 2**n``; uniform always uses
+``[0, 2**n - 1]``.  Every function is vectorised over leading dimensions
+(per-channel and per-candidate parameters come out of one call).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "QuantMethod",
+    "int_range",
+    "pot_threshold",
+    "symmetric_params",
+    "uniform_params",
+    "MIN_THRESHOLD",
+]
+
+# Thresholds below this are treated as this (all-zero tensors/channels stay finite).
+MIN_THRESHOLD = 2.0**-24
+
+
+class QuantMethod(str, enum.Enum):
+    """How a tensor's quantization grid is chosen."""
+
+    POWER_OF_TWO = "power_of_two"
+    SYMMETRIC = "symmetric"
+    UNIFORM = "uniform"
+
+    @property
+    def symmetric_grid(self) -> bool:
+        return self is not QuantMethod.UNIFORM
+
+
+def int_range(n_bits: int, signed: bool) -> tuple[int, int]:
+    """Integer code range of an ``n_bits`` grid."""
+    if not 2 <= n_bits <= 16:
+        raise ValueError(f"n_bits must be in 2..16, got {n_bits}")
+    if signed:
+        return -(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1
+    return 0, 2**n_bits - 1
+
+
+def pot_threshold(t: Tensor) -> Tensor:
+    """Smallest power of two >= ``t`` (elementwise)."""
+    t = torch.clamp(t.float(), min=MIN_THRESHOLD)
+    return torch.exp2(torch.ceil(torch.log2(t)))
+
+
+def symmetric_params(threshold: Tensor, n_bits: int, signed: bool) -> tuple[Tensor, Tensor]:
+    """``(scale, zero_point)`` of a grid symmetric around zero with the given threshold.
+
+    Power-of-two is this with a power-of-two threshold (see :func:`pot_threshold`).
+    """
+    t = torch.clamp(threshold.float(), min=MIN_THRESHOLD)
+    levels = 2 ** (n_bits - 1) if signed else 2**n_bits
+    scale = t / levels
+    return scale, torch.zeros_like(scale)
+
+
+def uniform_params(lo: Tensor, hi: Tensor, n_bits: int) -> tuple[Tensor, Tensor]:
+    """``(scale, zero_point)`` of an asymmetric grid over ``[lo, hi]`` widened to contain 0."""
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    span = torch.clamp(hi - lo, min=MIN_THRESHOLD)
+    qmax = 2**n_bits - 1
+    scale = span / qmax
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale, zero_point

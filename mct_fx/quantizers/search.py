@@ -1,0 +1,224 @@
+"""Threshold / range search: pick the quantization grid that minimises an error.
+
+One entry point, :func:`search_params`, serves weights (raw values, one row per
+output channel) and activations (a histogram: bin centres and counts).  It is
+vectorised across channels and candidates: the candidate grids of every row are
+evaluated together, in chunks bounded by memory, never in a Python loop per
+channel.
+
+Error methods:
+
+* ``NOCLIPPING``: no search; the grid just covers the observed range.
+* ``MSE`` / ``MAE`` / ``LP``: ``sum(count * |x - Q(x)|**p)`` with p = 2 / 1 / ``p``.
+* ``KL``: KL divergence between the value distribution and its quantized
+  version (mass of each quantization bucket spread over the bucket's
+  non-empty bins), computed on a histogram.
+
+Candidate sets always contain the no-clipping grid, so no method is worse
+than ``NOCLIPPING`` by its own error measure.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import Tensor
+
+from mct_fx.quantizers.params import (
+    QuantMethod,
+    int_range,
+    pot_threshold,
+    symmetric_params,
+    uniform_params,
+)
+
+__all__ = ["ErrorMethod", "search_params", "quant_error", "row_histograms"]
+
+_CHUNK_ELEMENTS = 2**20  # per evaluated [rows, candidates, values] block: fits in cache
+# Power-of-two candidates: t0 = 2**ceil(log2(max)), then 2*t0, t0/2, ..., t0/2**6.
+_POT_EXPONENTS = (0, 1, -1, -2, -3, -4, -5, -6)
+# Grids are ordered so that index 0 is the no-clipping grid: argmin returns the
+# first of equal errors, so ties (and rows where every clipped grid is invalid)
+# fall back to no clipping.  Thresholds go above the maximum too: with few values
+# per channel, aligning the grid to them beats covering the maximum exactly.
+_SYM_COARSE = torch.cat([torch.ones(1), torch.linspace(1.2, 0.1, 45)])
+_SYM_REFINE = (torch.linspace(-0.025, 0.025, 11), torch.linspace(-0.005, 0.005, 21))
+_SYM_MAX_ALPHA = 1.25
+_UNI_COARSE = torch.linspace(1.0, 1 / 16, 16)
+_UNI_FINE = torch.linspace(-1 / 16, 1 / 16, 9)
+_UNI_MAX_ALPHA = 1.1
+_KL_BINS = 2048
+
+
+class ErrorMethod(str, enum.Enum):
+    """What the threshold search minimises."""
+
+    NOCLIPPING = "noclipping"
+    MSE = "mse"
+    MAE = "mae"
+    LP = "lp"
+    KL = "kl"
+
+
+def _p_of(error: ErrorMethod, p: float) -> float:
+    return {ErrorMethod.MSE: 2.0, ErrorMethod.MAE: 1.0}.get(error, p)
+
+
+def quant_error(values: Tensor, counts: Tensor | None, scale: Tensor, zero_point: Tensor | None,
+                qmin: int, qmax: int, error: ErrorMethod = ErrorMethod.MSE, p: float = 2.0) -> Tensor:
+    """Error of every candidate grid on every row.
+
+    ``values``: ``[R, N]`` (rows: channels, or one histogram); ``counts``: ``[R or 1, N]``
+    weights of the values (None: all ones); ``scale``/``zero_point``: ``[R, K]``
+    (``zero_point`` None: all zero).  Returns ``[R, K]``.  KL needs ``values`` to be
+    evenly spaced sorted bin centres and gives ``inf`` to grids whose step is
+    finer than a bin.  Work is done in cache-sized blocks with in-place ops:
+    on a CPU that is ~10x faster than whole-tensor evaluation.
+    """
+    rows, n = values.shape
+    k_total = scale.shape[1]
+    values = values.float()
+    counts = None if counts is None else counts.float()
+    chunk_k = min(k_total, max(1, _CHUNK_ELEMENTS // n))
+    chunk_r = max(1, _CHUNK_ELEMENTS // (chunk_k * n))
+    out = torch.empty(rows, k_total, device=values.device, dtype=torch.float32)
+    for r0 in range(0, rows, chunk_r):
+        r1 = r0 + chunk_r
+        v = values[r0:r1, None, :]
+        c = None if counts is None else (counts if counts.shape[0] == 1 else counts[r0:r1])
+        for k0 in range(0, k_total, chunk_k):
+            k1 = k0 + chunk_k
+            s = scale[r0:r1, k0:k1, None]
+            z = None if zero_point is None else zero_point[r0:r1, k0:k1, None]
+            t = torch.round(v / s)
+            if z is not None:
+                t.add_(z)
+            if error is ErrorMethod.KL:
+                kl = _kl(t, c if c is not None else torch.ones_like(v[:, 0]), qmin, qmax)
+                # a quantization step finer than a histogram bin makes KL meaningless (0)
+                width = (v[:, :, 1:2] - v[:, :, 0:1]) if n > 1 else torch.zeros_like(v[:, :, :1])
+                out[r0:r1, k0:k1] = torch.where(s[..., 0] < width[..., 0] * 0.999, torch.inf, kl)
+                continue
+            t.clamp_(qmin, qmax)
+            if z is not None:
+                t.sub_(z)
+            t.mul_(s).sub_(v)
+            pp = _p_of(error, p)
+            if c is None:
+                out[r0:r1, k0:k1] = torch.linalg.vector_norm(t, pp, -1).pow_(pp)
+            else:
+                out[r0:r1, k0:k1] = (t.abs_().pow_(pp) * c[:, None, :]).sum(-1)
+    return out
+
+
+def _kl(codes: Tensor, counts: Tensor, qmin: int, qmax: int) -> Tensor:
+    """KL(P || Q) per candidate, the TensorRT way.
+
+    ``codes``: unclamped integer codes ``[R, K, N]`` of sorted values.  P is the
+    histogram with the clipped mass moved onto the first/last in-range bin; Q
+    spreads each bucket's in-range mass (clipped mass excluded) evenly over the
+    bucket's non-empty bins, so clipping shows up as a mismatch at the edges.
+    """
+    r, k, n = codes.shape
+    h = counts[:, None, :].expand(r, k, n)
+    below, above = codes < qmin, codes > qmax
+    inside = ~(below | above)
+    first = inside.float().argmax(-1, keepdim=True)
+    last = n - 1 - inside.flip(-1).float().argmax(-1, keepdim=True)
+    h_in = torch.where(inside, h, 0.0)
+    p = h_in.scatter_add(-1, first, (h * below).sum(-1, keepdim=True))
+    p = p.scatter_add(-1, last, (h * above).sum(-1, keepdim=True))
+    codes = torch.clamp(codes, qmin, qmax).contiguous()
+    zero = torch.zeros(r, k, 1, device=codes.device)
+    cum_mass = torch.cat([zero, torch.cumsum(h_in, -1)], -1)
+    cum_nz = torch.cat([zero, torch.cumsum((h_in > 0).float(), -1)], -1)
+    lo = torch.searchsorted(codes, codes, right=False)
+    hi = torch.searchsorted(codes, codes, right=True)
+    seg_mass = cum_mass.gather(-1, hi) - cum_mass.gather(-1, lo)
+    seg_nz = (cum_nz.gather(-1, hi) - cum_nz.gather(-1, lo)).clamp(min=1)
+    q = torch.where(h_in > 0, seg_mass / seg_nz, 0.0)
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
+    q = q / q.sum(-1, keepdim=True).clamp(min=1e-30)
+    terms = torch.where(p > 0, p * torch.log(p / q.clamp(min=1e-12)), 0.0)
+    return torch.where(inside.any(-1), terms.sum(-1), torch.inf)
+
+
+def row_histograms(values: Tensor, lo: Tensor, hi: Tensor, bins: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row histograms of ``values`` ``[R, N]`` over ``[lo, hi]``: (sorted, evenly spaced centres, counts)."""
+    bins = bins or min(_KL_BINS, max(64, values.shape[1] // 4))
+    lo, hi = lo.float()[:, None], hi.float()[:, None]
+    width = torch.clamp((hi - lo) / bins, min=1e-12)
+    idx = torch.clamp(torch.floor((values.float() - lo) / width), 0, bins - 1).long()
+    counts = torch.zeros(values.shape[0], bins, device=values.device).scatter_add_(
+        1, idx, torch.ones_like(values, dtype=torch.float32))
+    centres = lo + (torch.arange(bins, device=values.device) + 0.5) * width
+    return centres, counts
+
+
+def _best(errors: Tensor, scale: Tensor, zero_point: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    idx = errors.argmin(1, keepdim=True)
+    return scale.gather(1, idx)[:, 0], zero_point.gather(1, idx)[:, 0], idx[:, 0]
+
+
+def search_params(values: Tensor, counts: Tensor | None, lo: Tensor, hi: Tensor, method: QuantMethod,
+                  n_bits: int, signed: bool, error: ErrorMethod = ErrorMethod.MSE,
+                  p: float = 2.0) -> tuple[Tensor, Tensor]:
+    """Best ``(scale, zero_point)`` per row.
+
+    ``values`` ``[R, N]`` with optional ``counts``; ``lo``/``hi`` ``[R]`` the exact
+    observed minimum/maximum of each row.  ``signed`` is ignored for uniform grids.
+    """
+    method, error = QuantMethod(method), ErrorMethod(error)
+    lo, hi = lo.float(), hi.float()
+    if error is ErrorMethod.KL and counts is None:
+        values, counts = row_histograms(values, lo, hi)
+    if method is QuantMethod.UNIFORM:
+        return _search_uniform(values, counts, lo, hi, n_bits, error, p)
+    qmin, qmax = int_range(n_bits, signed)
+    maxabs = torch.maximum(lo.abs(), hi.abs()) if signed else torch.clamp(hi, min=0.0)
+    if method is QuantMethod.POWER_OF_TWO:
+        t0 = pot_threshold(maxabs)
+        exponents = (0,) if error is ErrorMethod.NOCLIPPING else _POT_EXPONENTS
+        factors = torch.exp2(torch.tensor(exponents, dtype=torch.float32, device=lo.device))
+        scale, zp = symmetric_params(t0[:, None] * factors[None, :], n_bits, signed)
+        if len(exponents) == 1:
+            return scale[:, 0], zp[:, 0]
+        return _best(quant_error(values, counts, scale, None, qmin, qmax, error, p), scale, zp)[:2]
+    if error is ErrorMethod.NOCLIPPING:
+        return symmetric_params(maxabs, n_bits, signed)
+    def evaluate(alphas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        scale, zp = symmetric_params(maxabs[:, None] * alphas, n_bits, signed)
+        s, z, idx = _best(quant_error(values, counts, scale, None, qmin, qmax, error, p), scale, zp)
+        return s, z, alphas.gather(1, idx[:, None])[:, 0]
+
+    s, z, best = evaluate(_SYM_COARSE.to(lo.device)[None, :].expand(lo.shape[0], -1))
+    for step in _SYM_REFINE:  # refine around the best so far, keeping no clipping as candidate 0
+        around = torch.clamp(best[:, None] + step.to(lo.device)[None, :], 1e-3, _SYM_MAX_ALPHA)
+        s, z, best = evaluate(torch.cat([torch.ones_like(around[:, :1]), around], 1))
+    return s, z
+
+
+def _search_uniform(values: Tensor, counts: Tensor | None, lo: Tensor, hi: Tensor, n_bits: int,
+                    error: ErrorMethod, p: float) -> tuple[Tensor, Tensor]:
+    qmin, qmax = int_range(n_bits, signed=False)
+    if error is ErrorMethod.NOCLIPPING:
+        return uniform_params(lo, hi, n_bits)
+
+    def evaluate(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # a, b: [R, K] shrink factors for the low and high end
+        scale, zp = uniform_params(lo[:, None] * a, hi[:, None] * b, n_bits)
+        return _best(quant_error(values, counts, scale, zp, qmin, qmax, error, p), scale, zp)
+
+    g = _UNI_COARSE.to(lo.device)
+    rows = lo.shape[0]
+    a, b = torch.meshgrid(g, g, indexing="ij")
+    a, b = a.reshape(1, -1).expand(rows, -1), b.reshape(1, -1).expand(rows, -1)
+    _, _, idx = evaluate(a, b)
+    f = _UNI_FINE.to(lo.device)
+    da, db = torch.meshgrid(f, f, indexing="ij")
+    a = torch.clamp(a.gather(1, idx[:, None]) + da.reshape(1, -1), 1e-3, _UNI_MAX_ALPHA)
+    b = torch.clamp(b.gather(1, idx[:, None]) + db.reshape(1, -1), 1e-3, _UNI_MAX_ALPHA)
+    ones = torch.ones(rows, 1, device=lo.device)
+    scale, zp, _ = evaluate(torch.cat([ones, a], 1), torch.cat([ones, b], 1))
+    return scale, zp

@@ -1,0 +1,105 @@
+"""Match a TPC onto a traced graph: annotate each node with its quantization options.
+
+This decides *what* is quantized (PT2E-style annotation), not *how*: the
+annotations live in ``node.meta["mct_fx"]`` and the insertion pass reads them.
+Inside a fused group (conv -> relu, linear -> act, add -> relu) only the last
+node's output is quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from mct_fx.tpc.schema import OpQuantConfig, QuantConfigOptions, TargetPlatformCapabilities
+from mct_fx.tpc.vocabulary import op_name
+
+__all__ = ["Annotation", "annotate", "annotation", "is_float_tensor", "describe_target", "META_KEY"]
+
+META_KEY = "mct_fx"
+
+
+@dataclass
+class Annotation:
+    """What the target says about one node."""
+
+    op: str | None  # operator-set name; None: unknown op, stays float
+    options: QuantConfigOptions | None  # None: unknown op
+    config: OpQuantConfig | None  # the chosen candidate (base unless mixed precision picked another)
+    float_output: bool  # the node produces a floating-point tensor
+    fused_into: str | None = None  # set on inner nodes of a fused group: the group's last node
+
+    @property
+    def quantize_output(self) -> bool:
+        return (self.config is not None and self.float_output and self.fused_into is None
+                and self.config.enable_activation_quantization)
+
+
+def annotation(node: fx.Node) -> Annotation | None:
+    return node.meta.get(META_KEY)
+
+
+def is_float_tensor(node: fx.Node) -> bool:
+    """Whether shape propagation recorded a floating-point tensor output for ``node``."""
+    tm = node.meta.get("tensor_meta")
+    return tm is not None and hasattr(tm, "dtype") and tm.dtype.is_floating_point
+
+
+def describe_target(node: fx.Node, gm: fx.GraphModule) -> str:
+    """Human-readable op of a node (module class, function or method name)."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return node.op
+
+
+def annotate(gm: fx.GraphModule, tpc: TargetPlatformCapabilities) -> list[fx.Node]:
+    """Annotate every node of ``gm`` from ``tpc``; returns the nodes of unknown ops (left float)."""
+    unknown = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            op = "Input"
+        elif node.op.startswith("call_"):
+            op = op_name(node, gm)
+        else:
+            continue
+        if op is None and node.op != "placeholder":
+            unknown.append(node)
+            node.meta[META_KEY] = Annotation(None, None, None, is_float_tensor(node))
+            continue
+        options = tpc.options_for(op)
+        node.meta[META_KEY] = Annotation(op, options, options.base, is_float_tensor(node))
+    _fuse(gm, tpc)
+    return unknown
+
+
+def _fuse(gm: fx.GraphModule, tpc: TargetPlatformCapabilities) -> None:
+    patterns = sorted((p.groups for p in tpc.fusing_patterns), key=len, reverse=True)
+    fused: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        for groups in patterns:
+            chain = _match_chain(node, groups, fused)
+            if chain:
+                for inner in chain[:-1]:
+                    annotation(inner).fused_into = chain[-1].name
+                fused.update(chain)
+                break
+
+
+def _match_chain(start: fx.Node, groups: tuple[tuple[str, ...], ...], fused: set[fx.Node]) -> list[fx.Node]:
+    chain, node = [], start
+    for i, group in enumerate(groups):
+        ann = annotation(node)
+        if node in fused or ann is None or ann.op not in group:
+            return []
+        chain.append(node)
+        if i + 1 < len(groups):
+            users = list(node.users)
+            if len(users) != 1:
+                return []
+            node = users[0]
+    return chain

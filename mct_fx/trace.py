@@ -1,0 +1,133 @@
+"""Tracing front-end: ``nn.Module`` -> ``torch.fx.GraphModule`` with recorded shapes."""
+
+from __future__ import annotations
+
+import copy
+import linecache
+import traceback
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from mct_fx.quantizers.modules import FakeQuantizer
+
+__all__ = ["TraceError", "Tracer", "trace", "propagate_shapes", "bind_inputs", "failing_node"]
+
+
+class TraceError(RuntimeError):
+    """The model cannot be traced by ``torch.fx``; the message names the module and line."""
+
+
+class Tracer(fx.Tracer):
+    """``torch.fx`` tracer that keeps mct_fx quantizers and user-listed modules as leaves.
+
+    ``leaf_modules`` may hold module classes or qualified module names ("layer1.0").
+    """
+
+    def __init__(self, leaf_modules: Iterable[type | str] = ()):
+        super().__init__()
+        leaf_modules = tuple(leaf_modules)
+        self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        self._leaf_names = frozenset(n for n in leaf_modules if isinstance(n, str))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, FakeQuantizer) or module_qualified_name in self._leaf_names:
+            return True
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None, *,
+          leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None,
+          inplace: bool = False) -> fx.GraphModule:
+    """Trace ``model`` (a deep copy unless ``inplace``) in eval mode.
+
+    With ``example_inputs`` (``(args, kwargs)``) shapes and dtypes are recorded on
+    every node (``node.meta["tensor_meta"]``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    leaf_modules = tuple(leaf_modules)
+    names = {n for n, _ in model.named_modules()}
+    for leaf in leaf_modules:
+        if isinstance(leaf, str) and leaf not in names:
+            raise TraceError(f"leaf_modules: the model has no submodule named {leaf!r}")
+        if not isinstance(leaf, (str, type)):
+            raise TypeError(f"leaf_modules: expected module classes or qualified names, got {leaf!r}")
+    root = model if inplace else copy.deepcopy(model)
+    root.eval()
+    tracer = Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(root, concrete_args)
+    except Exception as e:  # noqa: BLE001 - anything fx raises becomes one clear error
+        raise TraceError(_explain(e, root)) from e
+    gm = fx.GraphModule(tracer.root, graph, type(root).__name__)
+    if example_inputs is not None:
+        propagate_shapes(gm, example_inputs)
+    return gm
+
+
+def _explain(error: Exception, root: nn.Module) -> str:
+    """Name the module and source line where tracing failed, and the escape hatches."""
+    modules = {id(m): n for n, m in root.named_modules()}
+    where, path, cls = None, None, None
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in modules:
+            path, cls = modules[id(owner)], type(owner).__name__
+            where = (frame.f_code.co_filename, lineno)
+    lines = [f"torch.fx could not trace {type(root).__name__}: {type(error).__name__}: {error}"]
+    if where is not None:
+        src = linecache.getline(where[0], where[1]).strip()
+        lines.append(f"  in module {path or '<top level>'!r} ({cls}), {where[0]}:{where[1]}: {src}")
+    hint = f"leaf_modules=[{path!r}]" if path else "leaf_modules=[<the submodule's name or class>]"
+    lines.append(
+        f"  Fix: keep that submodule opaque with {hint} (it then runs unquantized inside), "
+        "or fix the data-dependent control flow with concrete_args={'<argument>': <value>}.")
+    return "\n".join(lines)
+
+
+def bind_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """Positional inputs for ``gm``'s placeholders from ``args``/``kwargs``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    bound = list(args)
+    for ph in placeholders[len(args):]:
+        if ph.target in kwargs:
+            bound.append(kwargs[ph.target])
+        elif ph.args:
+            bound.append(ph.args[0])  # default value
+        else:
+            raise TypeError(f"missing model input {ph.target!r}")
+    extra = set(kwargs) - {ph.target for ph in placeholders}
+    if extra:
+        raise TypeError(f"unexpected model inputs {sorted(extra)} (the model takes {[p.target for p in placeholders]})")
+    return bound
+
+
+class _Locator(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        return super().run_node(n)
+
+
+def failing_node(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[fx.Node | None, Exception | None]:
+    """Run ``gm`` node by node; the node that raises and its error (None, None if it runs)."""
+    loc = _Locator(gm)
+    loc.current = None
+    try:
+        with torch.no_grad():
+            loc.run(*bind_inputs(gm, args, kwargs))
+    except Exception as e:  # noqa: BLE001
+        return loc.current, e
+    return None, None
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[tuple, dict]) -> None:
+    """Record ``tensor_meta`` on every node by running ``example_inputs`` through ``gm``."""
+    args, kwargs = example_inputs
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*bind_inputs(gm, args, kwargs))
