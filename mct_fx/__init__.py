@@ -5,6 +5,7 @@ from mct_fx.data import CalibrationError
 from mct_fx.kernels import backend
 from mct_fx.ptq import prepare, quantize, summary
 from mct_fx.quantizers import ActivationQuantizer, ErrorMethod, QuantMethod, WeightQuantizer
+from mct_fx import tpc
 from mct_fx.tpc import Signedness, TargetPlatformCapabilities, TPCError, get_tpc, load_tpc, save_tpc
 from mct_fx.trace import TraceError, trace
 

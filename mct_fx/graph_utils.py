@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["attr_value", "model_device", "quantizer_nodes"]
+__all__ = ["attr_value", "model_device", "quantizer_nodes", "groups_of", "TRANSPOSED_CONVS"]
+
+TRANSPOSED_CONVS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
 def attr_value(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
@@ -34,3 +37,13 @@ def quantizer_nodes(gm: fx.GraphModule, cls: type) -> list[tuple[fx.Node, nn.Mod
             if isinstance(module, cls):
                 out.append((node, module))
     return out
+
+
+def groups_of(layer: fx.Node) -> int:
+    """Groups of a functional conv node (1 for linear).
+
+    ``F.conv*(x, w, b, stride, padding, dilation, groups)`` and
+    ``F.conv_transpose*(x, w, b, stride, padding, output_padding, groups, dilation)``
+    both keep it at ``args[6]``.
+    """
+    return int(layer.args[6]) if layer.target is not F.linear and len(layer.args) > 6 else 1

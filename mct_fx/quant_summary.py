@@ -9,6 +9,7 @@ from torch import fx
 from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
 from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
 from mct_fx.tpc.matching import annotation, describe_target
+from mct_fx.tpc.vocabulary import LINEAR_OPS
 
 __all__ = ["LayerSummary", "QuantSummary", "summarize"]
 
@@ -61,8 +62,8 @@ def summarize(gm: fx.GraphModule) -> QuantSummary:
     layers, unknown = [], []
     for node in gm.graph.nodes:
         ann = annotation(node)
-        if ann is None:
-            continue
+        if ann is None or not (ann.float_output or node.op == "call_function" and ann.op in LINEAR_OPS):
+            continue  # sizes, shapes, asserts: nothing to report
         if ann.op is None:
             unknown.append(node.name)
         wq = quantizers.get((node.name, "weight"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import linecache
 import traceback
 from collections.abc import Iterable
@@ -15,6 +16,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 from mct_fx.quantizers.modules import FakeQuantizer
 
 __all__ = ["TraceError", "Tracer", "trace", "propagate_shapes", "bind_inputs", "failing_node"]
+
+
+_PLACEHOLDER = type(fx.PH)  # concrete_args value meaning "keep this input a placeholder"
 
 
 class TraceError(RuntimeError):
@@ -66,9 +70,26 @@ def trace(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None, *,
     except Exception as e:  # noqa: BLE001 - anything fx raises becomes one clear error
         raise TraceError(_explain(e, root)) from e
     gm = fx.GraphModule(tracer.root, graph, type(root).__name__)
+    if concrete_args:
+        _inline_concrete_args(gm, root, concrete_args)
     if example_inputs is not None:
         propagate_shapes(gm, example_inputs)
     return gm
+
+
+def _inline_concrete_args(gm: fx.GraphModule, root: nn.Module, concrete_args: dict[str, Any]) -> None:
+    """Replace the placeholders fx keeps for ``concrete_args`` (renamed, with the *original*
+    default and a guard) by their values, so the traced model is called without them."""
+    names = [p for p in inspect.signature(root.forward).parameters]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for name, ph in zip(names, placeholders, strict=False):
+        if name in concrete_args and not isinstance(concrete_args[name], _PLACEHOLDER):
+            for user in list(ph.users):
+                user.replace_input_with(ph, concrete_args[name])
+            gm.graph.erase_node(ph)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _explain(error: Exception, root: nn.Module) -> str:

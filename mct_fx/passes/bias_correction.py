@@ -15,14 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from mct_fx.graph_utils import attr_value
-from mct_fx.passes.layer_inputs import (
-    TRANSPOSED_CONVS,
-    InputMeans,
-    expand_to_weight,
-    groups_of,
-    quantized_layers,
-)
+from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, groups_of
+from mct_fx.passes.layer_inputs import InputMeans, expand_to_weight, quantized_layers
 from mct_fx.quantizers.modules import WeightQuantizer
 from mct_fx.quantizers.search import ErrorMethod
 

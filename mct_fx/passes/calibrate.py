@@ -39,9 +39,10 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[ModelInputs], *, verbose: bo
                 gm(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - re-raised with the batch and node named
                 node, err = failing_node(gm, args, kwargs)
-                at = f" at node {node.name!r} ({node.format_node()})" if node is not None else ""
-                raise CalibrationError(
-                    f"calibration batch {index} (input shapes {_shapes(inputs)}) fails{at}: "
-                    f"{type(err or e).__name__}: {err or e}") from e
+                err = err or e
+                at = f" at node {node.name!r}" if node is not None else ""
+                reason = str(err).split("\n\nWhile executing")[0]  # fx appends the node dump
+                raise CalibrationError(f"calibration batch {index} (input shapes {_shapes(inputs)}) fails{at}: "
+                                       f"{type(err).__name__}: {reason}") from e
             count += 1
     return count

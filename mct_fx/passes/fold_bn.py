@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from mct_fx.graph_utils import groups_of
+
 __all__ = ["fold_batchnorm"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -67,8 +69,9 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
         factor = gamma / std
         w64 = w.detach().double()
         if layer.target in _CONV_T:
-            groups = layer.args[6] if len(layer.args) > 6 else 1
-            shape = (groups, w.shape[0] // groups, w.shape[1]) + (1,) * (w.dim() - 2)
+            # weight [in, out/groups, k...]; output channel o = g * out/groups + j
+            groups = groups_of(layer)
+            shape = (groups, 1, w.shape[1]) + (1,) * (w.dim() - 2)
             new_w = (w64.reshape((groups, w.shape[0] // groups) + tuple(w.shape[1:]))
                      * factor.reshape(shape)).reshape(w.shape)
         else:

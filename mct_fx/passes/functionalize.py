@@ -16,14 +16,41 @@ from torch import fx, nn
 __all__ = ["functionalize_layers"]
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+# Positional parameters (and defaults) of the functional layers; every weighted
+# layer ends up called with all of them positionally, so passes can rely on
+# args[1] = weight, args[2] = bias, args[6] = groups (conv and conv_transpose).
+_CONV_PARAMS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0),
+                ("dilation", 1), ("groups", 1))
+_CONV_T_PARAMS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0),
+                  ("output_padding", 0), ("groups", 1), ("dilation", 1))
+_PARAMS = {**{f: _CONV_PARAMS for f in (F.conv1d, F.conv2d, F.conv3d)},
+           **{f: _CONV_T_PARAMS for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)},
+           F.linear: (("input", None), ("weight", None), ("bias", None))}
 _CONV_T = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
            nn.ConvTranspose3d: F.conv_transpose3d}
 
 
+def _canonical_args(node: fx.Node) -> tuple | None:
+    """All positional arguments of a functional conv/linear call, defaults filled in."""
+    params = _PARAMS[node.target]
+    if len(node.args) > len(params) or set(node.kwargs) - {name for name, _ in params}:
+        return None
+    values = list(node.args)
+    for name, default in params[len(node.args):]:
+        values.append(node.kwargs.get(name, default))
+    return tuple(values)
+
+
 def functionalize_layers(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite every exact nn.Conv*/ConvTranspose*/Linear call in place; returns ``gm``."""
+    """Rewrite every exact nn.Conv*/ConvTranspose*/Linear call in place, and put every
+    functional conv/linear call in canonical positional form; returns ``gm``."""
     graph = gm.graph
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _PARAMS:
+            canonical = _canonical_args(node)
+            if canonical is not None:
+                node.args, node.kwargs = canonical, {}
+            continue
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)

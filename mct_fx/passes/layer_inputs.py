@@ -12,14 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from mct_fx.graph_utils import quantizer_nodes
+from mct_fx.graph_utils import TRANSPOSED_CONVS, groups_of, quantizer_nodes
 from mct_fx.quantizers.modules import WeightQuantizer
 
-__all__ = ["InputMeans", "quantized_layers", "observe_layer_inputs", "remove_observers", "groups_of",
-           "TRANSPOSED_CONVS", "expand_to_weight"]
-
-TRANSPOSED_CONVS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-
+__all__ = ["InputMeans", "quantized_layers", "observe_layer_inputs", "remove_observers", "expand_to_weight"]
 
 class InputMeans(nn.Module):
     """Identity that accumulates the per-channel sum of what flows through it (no ``state_dict`` entries)."""
@@ -33,6 +29,8 @@ class InputMeans(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dim = self.channel_dim % x.dim()
         s = x.detach().float().sum([d for d in range(x.dim()) if d != dim])
+        if self.sum is not None and self.sum.shape != s.shape:
+            return x  # a batch the layer cannot take: let the layer itself raise
         self.sum = s if self.sum is None else self.sum + s
         self.count += x.numel() // max(1, x.shape[dim])
         return x
@@ -41,16 +39,6 @@ class InputMeans(nn.Module):
         if self.sum is None:
             raise RuntimeError("no data observed")
         return self.sum / self.count
-
-
-def groups_of(layer: fx.Node) -> int:
-    """Groups of a functional conv node (1 for linear).
-
-    ``F.conv*(x, w, b, stride, padding, dilation, groups)`` and
-    ``F.conv_transpose*(x, w, b, stride, padding, output_padding, groups, dilation)``
-    both keep it at ``args[6]``.
-    """
-    return int(layer.args[6]) if layer.target is not F.linear and len(layer.args) > 6 else 1
 
 
 def quantized_layers(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, WeightQuantizer]]:

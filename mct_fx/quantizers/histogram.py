@@ -78,5 +78,9 @@ def _bin_counts(x: Tensor, r: Tensor, bins: int) -> Tensor:
     if x.device.type == "cpu":
         rr = float(r)
         return torch.histc(x, bins, -rr, rr).long()
+    return _bin_counts_indexed(x, r, bins)
+
+
+def _bin_counts_indexed(x: Tensor, r: Tensor, bins: int) -> Tensor:
     idx = torch.clamp(torch.floor(x * (bins / 2) / r) + bins // 2, 0, bins - 1).long()
     return torch.zeros(bins, dtype=torch.int64, device=x.device).index_add_(0, idx, torch.ones_like(idx))

@@ -58,7 +58,11 @@ def describe_target(node: fx.Node, gm: fx.GraphModule) -> str:
 
 
 def annotate(gm: fx.GraphModule, tpc: TargetPlatformCapabilities) -> list[fx.Node]:
-    """Annotate every node of ``gm`` from ``tpc``; returns the nodes of unknown ops (left float)."""
+    """Annotate every node of ``gm`` from ``tpc``.
+
+    Returns the nodes of unknown ops that produce float tensors (left float);
+    unknown ops on sizes, shapes and other non-tensors do not matter.
+    """
     unknown = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -67,9 +71,10 @@ def annotate(gm: fx.GraphModule, tpc: TargetPlatformCapabilities) -> list[fx.Nod
             op = op_name(node, gm)
         else:
             continue
-        if op is None and node.op != "placeholder":
-            unknown.append(node)
+        if op is None:
             node.meta[META_KEY] = Annotation(None, None, None, is_float_tensor(node))
+            if is_float_tensor(node):
+                unknown.append(node)
             continue
         options = tpc.options_for(op)
         node.meta[META_KEY] = Annotation(op, options, options.base, is_float_tensor(node))
