@@ -1,11 +1,11 @@
 """mct_fx: PyTorch-native model compression on torch.fx graphs."""
 
+from mct_fx import tpc
 from mct_fx.config import QuantConfig
 from mct_fx.data import CalibrationError
 from mct_fx.kernels import backend
 from mct_fx.ptq import prepare, quantize, summary
 from mct_fx.quantizers import ActivationQuantizer, ErrorMethod, QuantMethod, WeightQuantizer
-from mct_fx import tpc
 from mct_fx.tpc import Signedness, TargetPlatformCapabilities, TPCError, get_tpc, load_tpc, save_tpc
 from mct_fx.trace import TraceError, trace
 
@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "quantize", "prepare", "summary", "trace", "QuantConfig", "ErrorMethod", "QuantMethod", "Signedness",
     "ActivationQuantizer", "WeightQuantizer", "TargetPlatformCapabilities", "get_tpc", "load_tpc", "save_tpc",
-    "TraceError", "CalibrationError", "TPCError", "backend",
+    "TraceError", "CalibrationError", "TPCError", "backend", "tpc",
 ]

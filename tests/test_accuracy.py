@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-import assets
 import mct_fx
+
+import assets
 
 
 def _data():

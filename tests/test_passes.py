@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torchvision
-import zoo
 from torch import nn
 
 from mct_fx.passes import fold_batchnorm, functionalize_layers, insert_quantizers
@@ -12,6 +11,8 @@ from mct_fx.quantizers import ActivationQuantizer, WeightQuantizer
 from mct_fx.tpc import get_tpc
 from mct_fx.tpc.matching import annotate
 from mct_fx.trace import trace
+
+import zoo
 
 
 def _prepared(model, x):

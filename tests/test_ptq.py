@@ -10,10 +10,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mct_fx
-import zoo
 from mct_fx import CalibrationError, TPCError
 from mct_fx.quantizers import ActivationQuantizer
 from mct_fx.tpc import get_tpc, with_bits
+
+import zoo
 
 
 @pytest.fixture(scope="module")
