@@ -26,3 +26,4 @@ def lint(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/zoo_sqnr.py", *session.posargs)
+    session.run("python", "benchmarks/ptq_time.py", *session.posargs)

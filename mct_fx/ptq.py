@@ -76,12 +76,13 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     example = args[0] if args and not kwargs else kwargs
     gm = prepare(model, example, tpc, config, leaf_modules=leaf_modules, concrete_args=concrete_args,
                  inplace=inplace)
-    inputs = observe_layer_inputs(gm) if config.weights_bias_correction else {}
+    observers = observe_layer_inputs(gm) if config.weights_bias_correction else {}
     n = calibrate(gm, itertools.chain([first], batches), verbose=verbose)
+    input_means = {name: obs.mean() for name, obs in observers.items()}
+    remove_observers(gm)
     freeze_quantizers(gm, config)
-    if inputs:
-        correct_biases(gm, inputs, config.weights_error_method, config.lp_norm)
-        remove_observers(gm)
+    if input_means:
+        correct_biases(gm, input_means, config.weights_error_method, config.lp_norm)
     summary = summarize(gm)
     gm.meta[SUMMARY_KEY] = summary
     log.info("quantized with %s on %d calibration batches\n%s", gm.meta["mct_fx.tpc"], n, summary)

@@ -8,7 +8,7 @@ from torch import fx
 
 from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
 from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
-from mct_fx.tpc.matching import annotation, describe_target
+from mct_fx.tpc.matching import annotation, describe_target, produces_float
 from mct_fx.tpc.vocabulary import LINEAR_OPS
 
 __all__ = ["LayerSummary", "QuantSummary", "summarize"]
@@ -62,10 +62,12 @@ def summarize(gm: fx.GraphModule) -> QuantSummary:
     layers, unknown = [], []
     for node in gm.graph.nodes:
         ann = annotation(node)
-        if ann is None or not (ann.float_output or node.op == "call_function" and ann.op in LINEAR_OPS):
-            continue  # sizes, shapes, asserts: nothing to report
-        if ann.op is None:
+        if ann is None:
+            continue
+        if ann.op is None and produces_float(node):
             unknown.append(node.name)
+        elif not (ann.float_output or node.op == "call_function" and ann.op in LINEAR_OPS):
+            continue  # sizes, shapes, asserts: nothing to report
         wq = quantizers.get((node.name, "weight"))
         aq = quantizers.get((node.name, "act"))
         weights = _describe(wq) if wq is not None else "-"

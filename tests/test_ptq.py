@@ -225,3 +225,35 @@ def test_other_torchvision_models_quantize():
         calib = zoo.calibration(64, n_batches=2)
         q = mct_fx.quantize(model.eval(), calib, "imx500", verbose=False)
         assert q(calib[0]).shape == (8, 1000)
+
+
+class AllLayerKinds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 6, 3)
+        self.t1 = nn.ConvTranspose1d(6, 4, 2, stride=2)
+        self.c3 = nn.Conv3d(1, 4, 3, padding=1)
+        self.t3 = nn.ConvTranspose3d(4, 2, 2, stride=2)
+        self.fc = nn.Linear(2 + 4, 3)
+
+    def forward(self, seq, vol):
+        a = torch.relu(self.t1(torch.relu(self.c1(seq)))).mean(-1)
+        b = self.t3(torch.relu(self.c3(vol))).mean((2, 3, 4))
+        return self.fc(torch.cat([b, a], 1))
+
+
+def test_every_layer_kind_gets_a_weight_quantizer():
+    model = AllLayerKinds().eval()
+    batches = [{"seq": torch.randn(4, 3, 16), "vol": torch.randn(4, 1, 6, 6, 6)} for _ in range(2)]
+    q = mct_fx.quantize(model, batches, "imx500", verbose=False)
+    weights = {r.node: r.weights for r in mct_fx.summary(q).layers}
+    assert all(weights[n].startswith("8b symmetric") for n in ("c1", "t1", "c3", "t3", "fc"))
+    assert q.get_submodule("t3_weight_quant").axis == 1
+    with torch.no_grad():
+        assert zoo.sqnr_db(model(**batches[0]), q(**batches[0])) > 25
+
+
+def test_inplace_reuses_the_model_modules():
+    model = Small().eval()
+    q = mct_fx.quantize(model, [torch.randn(2, 3, 8, 8)], "imx500", inplace=True, verbose=False)
+    assert q.get_submodule("conv") is model.conv  # the caller allowed mutation: no copy

@@ -2,7 +2,7 @@
 
 For a layer ``y = W x + b`` with quantized weights ``Wq``, the expected output
 moves by ``(Wq - W) E[x]``; subtracting it from the bias removes that shift.
-``E[x]`` per input channel comes from the :class:`InputMeans` observers that
+``E[x]`` per input channel comes from the ``InputMeans`` observers that
 calibration fills (see :mod:`mct_fx.passes.layer_inputs`).  Grouped, depthwise
 and transposed convolutions are handled; zero padding at borders is ignored.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, groups_of
-from mct_fx.passes.layer_inputs import InputMeans, expand_to_weight, quantized_layers
+from mct_fx.passes.layer_inputs import expand_to_weight, quantized_layers
 from mct_fx.quantizers.modules import WeightQuantizer
 from mct_fx.quantizers.search import ErrorMethod
 
@@ -62,16 +62,17 @@ def _shift(layer: fx.Node, delta: Tensor, mean: Tensor) -> Tensor:
     return shift / math.prod(strides)
 
 
-def correct_biases(gm: fx.GraphModule, inputs: dict[str, InputMeans],
+def correct_biases(gm: fx.GraphModule, input_means: dict[str, Tensor],
                    error: ErrorMethod = ErrorMethod.MSE, p: float = 2.0) -> fx.GraphModule:
     """Subtract each layer's expected output shift from its bias.
 
-    Needs frozen weight quantizers and filled input observers; re-freezes a bias
-    quantizer whose bias changed.
+    ``input_means``: per-input-channel mean of each layer's input, by layer name
+    (from :class:`InputMeans` observers).  Needs frozen weight quantizers;
+    re-freezes a bias quantizer whose bias changed.
     """
     for layer, qnode, q in quantized_layers(gm):
-        stats = inputs.get(layer.name)
-        if stats is None or q.mode != "frozen":
+        mean = input_means.get(layer.name)
+        if mean is None or q.mode != "frozen":
             continue
         weight = attr_value(gm, qnode.args[0])
         bias_src = layer.args[2]
@@ -83,7 +84,7 @@ def correct_biases(gm: fx.GraphModule, inputs: dict[str, InputMeans],
             continue
         with torch.no_grad():
             delta = (q(weight) - weight).double()
-            bias -= _shift(layer, delta, stats.mean().double()).to(bias.dtype)
+            bias -= _shift(layer, delta, mean.double()).to(bias.dtype)
         if isinstance(bias_quant, WeightQuantizer) and bias_quant.mode == "frozen":
             bias_quant.freeze(bias, error, p)
     return gm

@@ -6,19 +6,26 @@ from torch import fx
 
 from mct_fx.config import QuantConfig
 from mct_fx.graph_utils import attr_value, quantizer_nodes
+from mct_fx.passes.shift_negative import shiftable_quantizers
 from mct_fx.quantizers.modules import ActivationQuantizer, WeightQuantizer
 
 __all__ = ["freeze_quantizers"]
 
 
 def freeze_quantizers(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
-    """Search the grid of every observing quantizer (weights from their tensors, activations from histograms)."""
+    """Search the grid of every observing quantizer (weights from their tensors, activations from histograms).
+
+    With ``config.shift_negative_correction``, activations whose shift the next
+    linear layer can absorb may get a shifted unsigned grid (see :mod:`.shift_negative`).
+    """
+    shiftable = shiftable_quantizers(gm) if config.shift_negative_correction else set()
     for node, q in quantizer_nodes(gm, ActivationQuantizer):
         if q.mode != "observe":
             continue
         if q.observer.empty:
             raise RuntimeError(f"activation quantizer {node.target!r} saw no data: was calibration run?")
-        q.freeze(config.activation_error_method, config.lp_norm)
+        ratio = config.shift_negative_ratio if node.target in shiftable else None
+        q.freeze(config.activation_error_method, config.lp_norm, shift_negative_ratio=ratio)
     for node, q in quantizer_nodes(gm, WeightQuantizer):
         if q.mode != "observe":
             continue

@@ -17,6 +17,7 @@ from mct_fx.quantizers.modules import WeightQuantizer
 
 __all__ = ["InputMeans", "quantized_layers", "observe_layer_inputs", "remove_observers", "expand_to_weight"]
 
+
 class InputMeans(nn.Module):
     """Identity that accumulates the per-channel sum of what flows through it (no ``state_dict`` entries)."""
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from mct_fx.kernels import fake_quant
 from mct_fx.quantizers.histogram import StreamingHistogram
-from mct_fx.quantizers.params import QuantMethod, int_range
+from mct_fx.quantizers.params import QuantMethod, int_range, shift_negative_params
 from mct_fx.quantizers.search import ErrorMethod, search_params
 
 __all__ = ["FakeQuantizer", "ActivationQuantizer", "WeightQuantizer", "MODES"]
@@ -98,16 +98,28 @@ class ActivationQuantizer(FakeQuantizer):
             self.observer.update(x)
         return x
 
-    def freeze(self, error: ErrorMethod | str = ErrorMethod.MSE, p: float = 2.0) -> None:
-        """Choose the grid from the observed histogram and switch to ``frozen``."""
+    def freeze(self, error: ErrorMethod | str = ErrorMethod.MSE, p: float = 2.0,
+               shift_negative_ratio: float | None = None) -> None:
+        """Choose the grid from the observed histogram and switch to ``frozen``.
+
+        ``shift_negative_ratio``: when the signedness is automatic, the grid is
+        symmetric and the negative tail is at most this fraction of the threshold,
+        use a shifted unsigned grid instead (see :func:`shift_negative_params`).
+        """
         if self.observer.empty:
             raise RuntimeError("activation quantizer saw no data during calibration")
         obs = self.observer
-        if self.signed is None:
+        auto_sign = self.signed is None
+        if auto_sign:
             self.signed = bool(obs.min < 0)
         centres, counts = obs.centres_and_counts()
         scale, zp = search_params(centres[None], counts[None], obs.min.reshape(1), obs.max.reshape(1),
                                   self.method, self.n_bits, bool(self.signed), error, p)
+        if shift_negative_ratio is not None and auto_sign and self.signed and self.method.symmetric_grid:
+            threshold = scale * 2 ** (self.n_bits - 1)
+            if float(-obs.min) <= shift_negative_ratio * float(threshold):
+                self.signed = False
+                scale, zp = shift_negative_params(threshold, obs.min, self.n_bits)
         self._set_grid(scale, zp)
         self.observer = StreamingHistogram()
 

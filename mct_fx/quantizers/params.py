@@ -27,6 +27,7 @@ __all__ = [
     "pot_threshold",
     "symmetric_params",
     "uniform_params",
+    "shift_negative_params",
     "MIN_THRESHOLD",
 ]
 
@@ -81,3 +82,18 @@ def uniform_params(lo: Tensor, hi: Tensor, n_bits: int) -> tuple[Tensor, Tensor]
     scale = span / qmax
     zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
     return scale, zero_point
+
+
+def shift_negative_params(threshold: Tensor, minimum: Tensor, n_bits: int) -> tuple[Tensor, Tensor]:
+    """Unsigned grid ``[0, threshold)`` shifted down by the smallest grid point >= ``-minimum``.
+
+    Shift-negative correction: values in ``[minimum, threshold - shift)`` keep a
+    zero-based unsigned grid (twice the resolution of a signed one) and the
+    shift, an integer number of steps, becomes the zero point.  On hardware without
+    zero points the shift is an add before the quantizer and a bias correction
+    (and shift-valued padding) in the next linear layer.
+    """
+    scale = torch.clamp(threshold.float(), min=MIN_THRESHOLD) / 2**n_bits
+    zero_point = torch.clamp(torch.ceil(-minimum.float() / scale), 0, 2**n_bits - 1)
+    return scale, zero_point
+

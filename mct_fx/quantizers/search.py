@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from mct_fx.quantizers.params import (
+    MIN_THRESHOLD,
     QuantMethod,
     int_range,
     pot_threshold,
@@ -42,8 +43,11 @@ _POT_EXPONENTS = (0, 1, -1, -2, -3, -4, -5, -6)
 # first of equal errors, so ties (and rows where every clipped grid is invalid)
 # fall back to no clipping.  Thresholds go above the maximum too: with few values
 # per channel, aligning the grid to them beats covering the maximum exactly.
-_SYM_COARSE = torch.cat([torch.ones(1), torch.linspace(1.2, 0.1, 45)])
+_SYM_RANGE = (0.1, 1.25)  # coarse symmetric grid: these fractions of max|x| (linear) ...
+_SYM_TAIL = torch.logspace(-1.1, -2, 10)  # ... and down to 1% (log-spaced) for extreme outliers
 _SYM_REFINE = (torch.linspace(-0.025, 0.025, 11), torch.linspace(-0.005, 0.005, 21))
+_SYM_BUDGET = 2**15  # coarse candidates x values per row: few values (depthwise kernels) get a dense grid
+_LLOYD_STEPS = 4
 _SYM_MAX_ALPHA = 1.25
 _UNI_COARSE = torch.linspace(1.0, 1 / 16, 16)
 _UNI_FINE = torch.linspace(-1 / 16, 1 / 16, 9)
@@ -192,11 +196,38 @@ def search_params(values: Tensor, counts: Tensor | None, lo: Tensor, hi: Tensor,
         s, z, idx = _best(quant_error(values, counts, scale, None, qmin, qmax, error, p), scale, zp)
         return s, z, alphas.gather(1, idx[:, None])[:, 0]
 
-    s, z, best = evaluate(_SYM_COARSE.to(lo.device)[None, :].expand(lo.shape[0], -1))
+    n_coarse = int(min(400, max(46, _SYM_BUDGET // max(1, values.shape[1]))))
+    coarse = torch.cat([torch.ones(1), torch.linspace(_SYM_RANGE[1], _SYM_RANGE[0], n_coarse - 1), _SYM_TAIL])
+    s, z, best = evaluate(coarse.to(lo.device)[None, :].expand(lo.shape[0], -1))
     for step in _SYM_REFINE:  # refine around the best so far, keeping no clipping as candidate 0
         around = torch.clamp(best[:, None] + step.to(lo.device)[None, :], 1e-3, _SYM_MAX_ALPHA)
         s, z, best = evaluate(torch.cat([torch.ones_like(around[:, :1]), around], 1))
+    if method is QuantMethod.SYMMETRIC and error is ErrorMethod.MSE:
+        s = _lloyd(values, counts, s, qmin, qmax)
     return s, z
+
+
+def _lloyd(values: Tensor, counts: Tensor | None, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Alternate codes and least-squares scale (each step never raises the weighted MSE).
+
+    For fixed codes ``k`` the best scale is ``sum(c w k) / sum(c k^2)``; for a fixed
+    scale the best codes are the rounded, clamped ``w / s``.  On rows with few
+    values, where the error is a jagged function of the scale, this reaches the
+    bottom of the valley a grid search lands in.
+    """
+    w = values.float()
+    c = torch.ones_like(w) if counts is None else counts.float().expand_as(w)
+    best = scale.clone()
+    best_err = quant_error(values, counts, best[:, None], None, qmin, qmax)[:, 0]
+    s = scale
+    for _ in range(_LLOYD_STEPS):
+        k = torch.clamp(torch.round(w / s[:, None]), qmin, qmax)
+        den = (c * k * k).sum(1)
+        s = torch.where(den > 0, (c * w * k).sum(1) / den.clamp(min=1e-30), s).clamp(min=MIN_THRESHOLD)
+        err = quant_error(values, counts, s[:, None], None, qmin, qmax)[:, 0]
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
 
 
 def _search_uniform(values: Tensor, counts: Tensor | None, lo: Tensor, hi: Tensor, n_bits: int,

@@ -15,7 +15,8 @@ from torch import fx
 from mct_fx.tpc.schema import OpQuantConfig, QuantConfigOptions, TargetPlatformCapabilities
 from mct_fx.tpc.vocabulary import op_name
 
-__all__ = ["Annotation", "annotate", "annotation", "is_float_tensor", "describe_target", "META_KEY"]
+__all__ = ["Annotation", "annotate", "annotation", "is_float_tensor", "produces_float", "describe_target",
+           "META_KEY"]
 
 META_KEY = "mct_fx"
 
@@ -46,6 +47,21 @@ def is_float_tensor(node: fx.Node) -> bool:
     return tm is not None and hasattr(tm, "dtype") and tm.dtype.is_floating_point
 
 
+def produces_float(node: fx.Node) -> bool:
+    """Whether any output of ``node`` (a tensor, or tensors in a tuple/dict) is floating point."""
+
+    def walk(meta: object) -> bool:
+        if hasattr(meta, "dtype"):
+            return meta.dtype.is_floating_point
+        if isinstance(meta, (tuple, list)):
+            return any(walk(m) for m in meta)
+        if isinstance(meta, dict):
+            return any(walk(m) for m in meta.values())
+        return False
+
+    return walk(node.meta.get("tensor_meta"))
+
+
 def describe_target(node: fx.Node, gm: fx.GraphModule) -> str:
     """Human-readable op of a node (module class, function or method name)."""
     if node.op == "call_module":
@@ -73,7 +89,7 @@ def annotate(gm: fx.GraphModule, tpc: TargetPlatformCapabilities) -> list[fx.Nod
             continue
         if op is None:
             node.meta[META_KEY] = Annotation(None, None, None, is_float_tensor(node))
-            if is_float_tensor(node):
+            if produces_float(node):  # tuples of tensors too (e.g. attention)
                 unknown.append(node)
             continue
         options = tpc.options_for(op)
