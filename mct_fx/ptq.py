@@ -67,17 +67,18 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     The user's model is not modified unless ``inplace=True``.
     """
     config = config or QuantConfig()
-    get_tpc(tpc)  # fail on a bad target before touching any data
+    target = get_tpc(tpc)  # fail on a bad target before touching any data
     batches = iter_batches(calib_loader, n_batches)
     first = next(batches, None)
     if first is None:  # pragma: no cover - iter_batches raises on an empty loader
         raise CalibrationError("the calibration loader yielded no batches")
     args, kwargs = first
     example = args[0] if args and not kwargs else kwargs
-    gm = prepare(model, example, tpc, config, leaf_modules=leaf_modules, concrete_args=concrete_args,
+    gm = prepare(model, example, target, config, leaf_modules=leaf_modules, concrete_args=concrete_args,
                  inplace=inplace)
     observers = observe_layer_inputs(gm) if config.weights_bias_correction else {}
-    n = calibrate(gm, itertools.chain([first], batches), verbose=verbose)
+    total = n_batches or (len(calib_loader) if hasattr(calib_loader, "__len__") else None)
+    n = calibrate(gm, itertools.chain([first], batches), verbose=verbose, total=total)
     input_means = {name: obs.mean() for name, obs in observers.items()}
     remove_observers(gm)
     freeze_quantizers(gm, config)

@@ -44,6 +44,8 @@ class QuantSummary:
 
 def _describe(q: FakeQuantizer) -> str:
     sign = "" if q.method.value == "uniform" else (" signed" if q.signed else " unsigned")
+    if q.method.symmetric_grid and q.zero_point.ndim == 0 and float(q.zero_point) != 0:
+        sign += " shifted"  # shift-negative correction
     where = ""
     if isinstance(q, WeightQuantizer):
         where = " per-tensor" if q.axis is None else " per-channel"

@@ -130,3 +130,21 @@ def test_quantizer_requires_grid_before_frozen():
         q.set_mode("frozen")
     with pytest.raises(RuntimeError, match="saw no data"):
         q.freeze()
+
+
+def test_sampled_histogram_thresholds_are_as_good():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 56, 56, 8, generator=g).relu() * torch.rand(8, generator=g)  # channel-dependent ranges
+    x.view(-1)[torch.randint(0, x.numel(), (2000,), generator=g)] *= 12  # a sparse heavy tail
+    x.view(-1)[7] = 40.0  # a single outlier: min/max stay exact whatever is sampled
+    for method in ("power_of_two", "symmetric", "uniform"):
+        full, sampled = ActivationQuantizer(method, 8), ActivationQuantizer(method, 8)
+        full.observer.max_samples, sampled.observer.max_samples = x.numel(), 100_000
+        for q in (full, sampled):
+            q(x)
+            q(x.flip(0))
+        assert int(sampled.observer.counts.sum()) < 300_000 and float(sampled.observer.max) == 40.0
+        for q in (full, sampled):
+            q.freeze()
+        mse = {n: float((q(x) - x).pow(2).mean()) for n, q in (("full", full), ("sampled", sampled))}
+        assert mse["sampled"] <= 1.05 * mse["full"], (method, mse)

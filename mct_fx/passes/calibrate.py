@@ -22,7 +22,8 @@ def _shapes(inputs: ModelInputs) -> str:
     return ", ".join(str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__ for v in items)
 
 
-def calibrate(gm: fx.GraphModule, batches: Iterable[ModelInputs], *, verbose: bool = True) -> int:
+def calibrate(gm: fx.GraphModule, batches: Iterable[ModelInputs], *, verbose: bool = True,
+              total: int | None = None) -> int:
     """Feed every batch through ``gm`` with activation quantizers observing; returns the batch count.
 
     A batch the graph cannot run (e.g. a shape the traced model does not accept)
@@ -32,8 +33,9 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[ModelInputs], *, verbose: bo
         q.set_mode("observe")
     device = model_device(gm)
     count = 0
+    progress = tqdm(batches, desc="calibration", unit="batch", total=total, disable=not verbose)
     with torch.no_grad():
-        for index, inputs in enumerate(tqdm(batches, desc="calibration", unit="batch", disable=not verbose)):
+        for index, inputs in enumerate(progress):
             args, kwargs = to_device(inputs, device)
             try:
                 gm(*args, **kwargs)

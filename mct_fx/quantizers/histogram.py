@@ -6,6 +6,13 @@ range, ``R`` doubles (as many times as needed) and adjacent bins merge
 exactly, so the result does not depend on batch order except through the
 final range.  Updates are pure tensor ops: no host synchronisation per batch.
 Exact minimum and maximum are tracked beside it.
+
+Large activations are binned from a strided sample of at most ``max_samples``
+values per update (the minimum and maximum still see every value): binning is
+the one pass over the data that a CPU cannot parallelise, and a few million
+values per batch and tensor fix the threshold search as well as all of them.
+The stride is a prime that does not divide common tensor dimensions, so the
+sample does not lock onto a channel or a column.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ __all__ = ["StreamingHistogram"]
 class StreamingHistogram:
     """Histogram of every value seen by :meth:`update`."""
 
-    def __init__(self, bins_per_side: int = 4096):
+    def __init__(self, bins_per_side: int = 4096, max_samples: int = 2**21):
         self.bins_per_side = bins_per_side
+        self.max_samples = max_samples
         self.counts: Tensor | None = None  # int64 [2 * bins_per_side]
         self.range: Tensor | None = None  # float32 scalar, a power of two
         self.min: Tensor | None = None
         self.max: Tensor | None = None
+        self.updates = 0
 
     @property
     def empty(self) -> bool:
@@ -50,7 +59,8 @@ class StreamingHistogram:
             self.counts = torch.zeros_like(self.counts).index_add_(0, merged, self.counts)
             self.range = self.range * factor
             self.min, self.max = torch.minimum(self.min, lo), torch.maximum(self.max, hi)
-        self.counts += _bin_counts(x, self.range, 2 * n)
+        self.counts += _bin_counts(_sample(x, self.max_samples, self.updates), self.range, 2 * n)
+        self.updates += 1
 
     def centres_and_counts(self, trim: bool = True) -> tuple[Tensor, Tensor]:
         """Bin centres and counts (float32), trimmed to the non-empty span when ``trim``."""
@@ -66,6 +76,17 @@ class StreamingHistogram:
                 first, last = int(nz[0]), int(nz[-1]) + 1
                 centres, counts = centres[first:last], counts[first:last]
         return centres, counts
+
+
+_STRIDES = (1, 5, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97)
+
+
+def _sample(x: Tensor, max_samples: int, offset: int) -> Tensor:
+    """Every k-th value of flat ``x`` (k prime, not 2, 3 or 7) so that at most ``max_samples`` remain;
+    the start moves with ``offset`` so successive batches sample different positions."""
+    need = -(-x.numel() // max_samples)
+    stride = next((k for k in _STRIDES if k >= need), need | 1)
+    return x if stride == 1 else x[offset % stride::stride].contiguous()
 
 
 def _bin_counts(x: Tensor, r: Tensor, bins: int) -> Tensor:
