@@ -1,9 +1,9 @@
-"""Quantize-dequantize ops: the pure-torch reference (the ground truth).
+"""Quantize-dequantize ops: one real PyTorch op per operation, fused kernels behind it.
 
 Every uniform scheme mct_fx knows (power-of-two, symmetric, uniform/asymmetric,
 signed or unsigned, 2..16 bits, per-tensor or per-channel) reduces to one affine
-fake-quantize with a scale, an integer zero point and an integer range; the
-schemes differ only in how those parameters are chosen (see
+fake-quantize with a scale, an integer-valued zero point and an integer range;
+the schemes differ only in how those parameters are chosen (see
 ``mct_fx.quantizers.params``).
 
 Rounding rule (the same as ONNX ``QuantizeLinear``)::
@@ -11,13 +11,25 @@ Rounding rule (the same as ONNX ``QuantizeLinear``)::
     q = clamp(round_half_to_even(x / scale) + zero_point, qmin, qmax)
     y = (q - zero_point) * scale
 
-computed in float32 whatever the input dtype, and cast back to the input dtype.
-Fused kernels that land later must match this bit for bit, behind the same
-functions.
+computed in float32 (float64 for float64 inputs) and cast back to the input
+dtype.  NaN in gives NaN out; +-inf clamp to the grid ends.
 
-Gradient: straight-through estimator masked to the clipping range
-(``qmin <= round(x / scale) + zero_point <= qmax``); no gradient flows to
-``scale`` / ``zero_point`` here (trainable-scale quantizers build their own).
+The ops live in the ``torch.ops.mct_fx`` namespace, so autograd,
+``torch.compile(fullgraph=True)`` and ``torch.export`` see one op each:
+
+* ``fake_quant(x, scale, zero_point, qmin, qmax, axis)``; its gradient is the
+  straight-through estimator masked to the clipping range, computed from the
+  saved input (``fake_quant_backward``), plus the LSQ gradients of ``scale`` and
+  ``zero_point`` when those require grad (``fake_quant_lsq_backward``, reduced
+  inside the kernel);
+* ``fake_quant_lut(x, centers, scale, axis)``: nearest of the sorted ``centers``
+  (ties to the lower one) times ``scale``; STE gradient inside
+  ``[min(centers), max(centers)] * scale``.
+
+The pure-torch functions ``reference_*`` below are the ground truth: they are
+registered for every device as the fallback, and the fused C++ (CPU) kernels
+that override them must match them bit for bit (LSQ scale/zero-point sums up to
+summation order).  ``MCT_FX_KERNELS=reference`` forces the reference.
 """
 
 from __future__ import annotations
@@ -25,69 +37,202 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["backend", "fake_quant", "quantize", "dequantize"]
+from mct_fx import _extension
+
+__all__ = [
+    "backend", "fake_quant", "fake_quant_lut", "quantize", "dequantize",
+    "reference_fake_quant", "reference_fake_quant_backward", "reference_fake_quant_lsq_backward",
+    "reference_fake_quant_lut", "reference_fake_quant_lut_backward",
+]
+
+_LIB = torch.library.Library("mct_fx", "DEF")
+_LIB.define("fake_quant(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int? axis) -> Tensor")
+_LIB.define("fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, "
+            "int? axis) -> Tensor")
+_LIB.define("fake_quant_lsq_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, "
+            "int? axis) -> (Tensor, Tensor, Tensor)")
+_LIB.define("fake_quant_lut(Tensor x, Tensor centers, Tensor scale, int? axis) -> Tensor")
+_LIB.define("fake_quant_lut_backward(Tensor grad, Tensor x, Tensor centers, Tensor scale, int? axis) -> Tensor")
 
 
-def backend() -> str:
-    """Which implementation runs the fake-quantize op ("reference": pure torch)."""
-    return "reference"
+# ----------------------------------------------------------------- reference
+
+
+def _compute(x: Tensor) -> Tensor:
+    """``x`` in the compute dtype: float64 stays float64, everything else becomes float32."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _broadcast(p: Tensor, x: Tensor, axis: int | None) -> Tensor:
-    """Shape a per-channel parameter so it broadcasts along ``axis`` of ``x``."""
-    if axis is None or p.dim() == 0:
-        return p
+    """Shape a per-channel parameter so it broadcasts along ``axis`` of ``x`` (in ``x``'s compute dtype)."""
+    p = p.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if axis is None or p.numel() == 1:
+        return p.reshape(())
     shape = [1] * x.dim()
     shape[axis] = -1
     return p.reshape(shape)
 
 
+def _reduce_to(t: Tensor, like: Tensor, x: Tensor, axis: int | None) -> Tensor:
+    """Sum ``t`` (shaped like ``x``) to the shape of the parameter ``like``."""
+    if axis is None or like.numel() == 1:
+        return t.sum().reshape(like.shape).to(like.dtype)
+    dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+    return (t.sum(dims) if dims else t).reshape(like.shape).to(like.dtype)  # sum([]) would reduce everything
+
+
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
              axis: int | None = None) -> Tensor:
-    """Integer codes (as float32) of ``x``; see the module docstring for the rule."""
-    s = _broadcast(scale.float(), x, axis)
-    z = _broadcast(zero_point.float(), x, axis)
-    return torch.clamp(torch.round(x.float() / s) + z, qmin, qmax)
+    """Integer codes of ``x`` (in the compute dtype); see the module docstring for the rule."""
+    s, z = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis)
+    return torch.clamp(torch.round(_compute(x) / s) + z, qmin, qmax)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
-    """Real values of integer codes ``q`` (float32)."""
-    s = _broadcast(scale.float(), q, axis)
-    z = _broadcast(zero_point.float(), q, axis)
-    return (q - z) * s
+    """Real values of integer codes ``q``."""
+    return (q - _broadcast(zero_point, q, axis)) * _broadcast(scale, q, axis)
 
 
-class _FakeQuantSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis):
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.qrange = (qmin, qmax, axis)
-        return _fake_quant_exact(x, scale, zero_point, qmin, qmax, axis)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, scale, zero_point = ctx.saved_tensors
-        qmin, qmax, axis = ctx.qrange
-        s = _broadcast(scale.float(), x, axis)
-        z = _broadcast(zero_point.float(), x, axis)
-        r = torch.round(x.float() / s) + z
-        mask = (r >= qmin) & (r <= qmax)
-        return grad * mask, None, None, None, None, None
+def reference_fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                         axis: int | None) -> Tensor:
+    return dequantize(quantize(x, scale, zero_point, qmin, qmax, axis), scale, zero_point, axis).to(x.dtype)
 
 
-def _fake_quant_exact(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
-                      axis: int | None) -> Tensor:
-    q = quantize(x, scale, zero_point, qmin, qmax, axis)
-    return dequantize(q, scale, zero_point, axis).to(x.dtype)
+def _inside(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
+    r = torch.round(_compute(x) / _broadcast(scale, x, axis)) + _broadcast(zero_point, x, axis)
+    return (r >= qmin) & (r <= qmax)
+
+
+def reference_fake_quant_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                                  axis: int | None) -> Tensor:
+    inside = _inside(x, scale, zero_point, qmin, qmax, axis)
+    return torch.where(inside, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)).to(x.dtype)
+
+
+def reference_fake_quant_lsq_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int,
+                                      qmax: int, axis: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """LSQ gradients: STE for ``x``; for the grid, the derivative of ``(clamp(q) - z) * s`` with
+    ``round`` passed straight through (``round(v) - v`` inside the range, ``q_clamped - z``
+    outside; ``0`` / ``-s`` for the zero point), times ``grad`` in the compute dtype, summed
+    in float64."""
+    s, z = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis)
+    v = _compute(x) / s
+    r = torch.round(v)
+    q = r + z
+    inside = (q >= qmin) & (q <= qmax)
+    clamped = torch.where(q < qmin, float(qmin), float(qmax))
+    g = _compute(grad)
+    grad_x = torch.where(inside, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)).to(x.dtype)
+    grad_s = (g * torch.where(inside, r - v, clamped - z)).double()
+    grad_z = torch.where(inside, torch.zeros((), dtype=g.dtype, device=x.device), -(g * s)).double()
+    return grad_x, _reduce_to(grad_s, scale, x, axis), _reduce_to(grad_z, zero_point, x, axis)
+
+
+def reference_fake_quant_lut(x: Tensor, centers: Tensor, scale: Tensor, axis: int | None) -> Tensor:
+    s = _broadcast(scale, x, axis)
+    c = torch.sort(centers.to(s.dtype).reshape(-1)).values
+    v = _compute(x) / s
+    vc = torch.clamp(v, c.min(), c.max())  # outside the centers the nearest is an end one (also for +-inf)
+    idx = (vc.unsqueeze(-1) - c).abs().argmin(-1)  # first minimum: ties go to the lower center
+    return torch.where(torch.isnan(v), v, c[idx] * s).to(x.dtype)
+
+
+def reference_fake_quant_lut_backward(grad: Tensor, x: Tensor, centers: Tensor, scale: Tensor,
+                                      axis: int | None) -> Tensor:
+    s = _broadcast(scale, x, axis)
+    c = centers.to(s.dtype).reshape(-1)
+    v = _compute(x) / s
+    inside = (v >= c.min()) & (v <= c.max())
+    return torch.where(inside, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)).to(x.dtype)
+
+
+for _name, _fn in (("fake_quant", reference_fake_quant), ("fake_quant_backward", reference_fake_quant_backward),
+                   ("fake_quant_lsq_backward", reference_fake_quant_lsq_backward),
+                   ("fake_quant_lut", reference_fake_quant_lut),
+                   ("fake_quant_lut_backward", reference_fake_quant_lut_backward)):
+    _LIB.impl(_name, _fn, "CompositeExplicitAutograd")
+
+
+# ------------------------------------------------------- fake (meta) + autograd
+
+
+@torch.library.register_fake("mct_fx::fake_quant")
+def _(x, scale, zero_point, qmin, qmax, axis):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("mct_fx::fake_quant_backward")
+def _(grad, x, scale, zero_point, qmin, qmax, axis):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("mct_fx::fake_quant_lsq_backward")
+def _(grad, x, scale, zero_point, qmin, qmax, axis):
+    return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(zero_point)
+
+
+@torch.library.register_fake("mct_fx::fake_quant_lut")
+def _(x, centers, scale, axis):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("mct_fx::fake_quant_lut_backward")
+def _(grad, x, centers, scale, axis):
+    return torch.empty_like(x)
+
+
+def _fq_setup(ctx, inputs, output):
+    x, scale, zero_point, qmin, qmax, axis = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.grid = (qmin, qmax, axis)
+
+
+def _fq_backward(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    qmin, qmax, axis = ctx.grid
+    _, wants_s, wants_z = ctx.needs_input_grad[:3]
+    if wants_s or wants_z:
+        gx, gs, gz = torch.ops.mct_fx.fake_quant_lsq_backward(grad, x, scale, zero_point, qmin, qmax, axis)
+        return gx, gs if wants_s else None, gz if wants_z else None, None, None, None
+    gx = torch.ops.mct_fx.fake_quant_backward(grad, x, scale, zero_point, qmin, qmax, axis)
+    return gx, None, None, None, None, None
+
+
+def _lut_setup(ctx, inputs, output):
+    x, centers, scale, axis = inputs
+    ctx.save_for_backward(x, centers, scale)
+    ctx.axis = axis
+
+
+def _lut_backward(ctx, grad):
+    x, centers, scale = ctx.saved_tensors
+    return torch.ops.mct_fx.fake_quant_lut_backward(grad, x, centers, scale, ctx.axis), None, None, None
+
+
+torch.library.register_autograd("mct_fx::fake_quant", _fq_backward, setup_context=_fq_setup)
+torch.library.register_autograd("mct_fx::fake_quant_lut", _lut_backward, setup_context=_lut_setup)
+
+_BACKEND = _extension.load_kernels()
+
+
+# ------------------------------------------------------------------ public API
+
+
+def backend() -> str:
+    """Which implementation runs the ops on CPU: ``"cpp"`` (fused kernels) or ``"reference"`` (pure torch)."""
+    return _BACKEND
 
 
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                axis: int | None = None) -> Tensor:
     """Quantize-dequantize ``x`` (per-tensor when ``axis`` is None, else per-channel along ``axis``).
 
-    ``scale`` (float, > 0) and ``zero_point`` (integer-valued) are tensors, scalar or of
-    length ``x.shape[axis]``, so no host synchronisation is needed.
+    ``scale`` (float, > 0) and ``zero_point`` (integer-valued float) are tensors, scalar
+    or of length ``x.shape[axis]``, so no host synchronisation is needed.
     """
-    if x.requires_grad and torch.is_grad_enabled():
-        return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax, axis)
-    return _fake_quant_exact(x, scale, zero_point, qmin, qmax, axis)
+    return torch.ops.mct_fx.fake_quant(x, scale, zero_point, qmin, qmax, axis)
+
+
+def fake_quant_lut(x: Tensor, centers: Tensor, scale: Tensor, axis: int | None = None) -> Tensor:
+    """Non-uniform (look-up table) fake quantize: nearest of ``centers`` times ``scale``."""
+    return torch.ops.mct_fx.fake_quant_lut(x, centers, scale, axis)

@@ -1,4 +1,8 @@
-"""Reference fake-quantize op: hand-computed values, rounding rule, dtypes, gradient."""
+"""Fake-quantize ops: hand-computed values, rounding rule, dtypes, gradient, backend selection."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,8 +11,18 @@ from mct_fx.kernels import backend, dequantize, fake_quant, quantize
 from mct_fx.quantizers.params import int_range, pot_threshold, symmetric_params, uniform_params
 
 
-def test_backend_is_reference():
-    assert backend() == "reference"
+def test_fused_cpu_kernels_are_in_use():
+    # CI must exercise the compiled path: a machine with a C++ compiler builds it on first import
+    assert "cpp" in backend().split("+")
+
+
+def test_environment_forces_the_reference():
+    code = ("import torch, mct_fx.kernels as k; "
+            "y = k.fake_quant(torch.tensor([0.3, 9.0]), torch.tensor(0.5), torch.tensor(0.0), -4, 3); "
+            "print(k.backend(), y.tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, MCT_FX_KERNELS="reference")).stdout
+    assert out.split() == ["reference", "[0.5,", "1.5]"]
 
 
 def test_pot_signed_8bit_hand_values():

@@ -210,14 +210,6 @@ def test_functional_layers_with_parameter_weights_are_quantized():
     assert rows["conv2d"].weights.startswith("8b symmetric") and rows["linear"].weights.startswith("8b")
 
 
-def test_torchvision_model_runs_under_torch_compile(resnet18):
-    model, calib, x = resnet18
-    q = mct_fx.quantize(model, calib[:1], "imx500", verbose=False)
-    compiled = torch.compile(q, backend="eager", fullgraph=True)
-    with torch.no_grad():
-        assert torch.equal(compiled(x), q(x))
-
-
 def test_other_torchvision_models_quantize():
     for name in ("mobilenet_v3_small", "squeezenet1_1"):
         model = torchvision.models.get_model(name, weights=None)

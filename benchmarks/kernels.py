@@ -1,0 +1,121 @@
+"""Fake-quant kernel speed: mct_fx ops vs torch's own fake-quantize ops, in the same run.
+
+    python benchmarks/kernels.py [--sizes 1e5,1e6,1e7] [--device cpu|cuda]
+
+For each size (float32 elements), per-tensor and per-channel (64 channels, axis 1),
+the table prints milliseconds per call, effective GB/s (bytes read + written per
+element, counted per implementation: mct_fx reads x and writes y forward and
+reads grad and x, writes grad_x backward; torch's ops also write and read a
+1-byte mask) and the speed ratio torch / mct_fx (> 1: mct_fx faster).  Rows:
+
+* ``fwd``: forward only (no grad);
+* ``fwd+bwd``: forward and STE backward through autograd;
+* ``lsq fwd+bwd``: with learnable scale and zero point, against
+  ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mct_fx import kernels
+
+CHANNELS, QMIN, QMAX = 64, -128, 127
+BYTES = {  # per element, read + written
+    "fwd": {"mct_fx": 8, "torch": 8},
+    "fwd+bwd": {"mct_fx": 8 + 12, "torch": 9 + 9},
+    "lsq fwd+bwd": {"mct_fx": 8 + 12, "torch": 8 + 12},
+}
+
+
+def _timeit(fn, device: str, min_time: float = 0.3) -> float:
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times) < 3:
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _cases(n: int, per_channel: bool, device: str):
+    x = torch.randn(max(1, n // (CHANNELS * 100)), CHANNELS, 100, device=device) * 3
+    g = torch.randn_like(x)
+    if per_channel:
+        scale = torch.rand(CHANNELS, device=device) * 0.02 + 0.01
+        zp = torch.zeros(CHANNELS, device=device)
+        axis = 1
+    else:
+        scale, zp, axis = torch.tensor(0.02, device=device), torch.tensor(0.0, device=device), None
+    zp_int = zp.int()
+
+    def ours_fwd():
+        with torch.no_grad():
+            kernels.fake_quant(x, scale, zp, QMIN, QMAX, axis)
+
+    def torch_fwd():
+        with torch.no_grad():
+            if per_channel:
+                torch.fake_quantize_per_channel_affine(x, scale, zp_int, 1, QMIN, QMAX)
+            else:
+                torch.fake_quantize_per_tensor_affine(x, 0.02, 0, QMIN, QMAX)
+
+    xg = x.clone().requires_grad_(True)
+
+    def ours_bwd():
+        kernels.fake_quant(xg, scale, zp, QMIN, QMAX, axis).backward(g)
+
+    def torch_bwd():
+        if per_channel:
+            torch.fake_quantize_per_channel_affine(xg, scale, zp_int, 1, QMIN, QMAX).backward(g)
+        else:
+            torch.fake_quantize_per_tensor_affine(xg, 0.02, 0, QMIN, QMAX).backward(g)
+
+    s_l, z_l = scale.clone().requires_grad_(True), zp.clone().requires_grad_(True)
+    s_t = (scale if per_channel else scale.reshape(1)).clone().requires_grad_(True)
+    z_t = (zp if per_channel else zp.reshape(1)).clone().requires_grad_(True)
+
+    def ours_lsq():
+        kernels.fake_quant(xg, s_l, z_l, QMIN, QMAX, axis).backward(g)
+
+    def torch_lsq():
+        if per_channel:
+            torch._fake_quantize_learnable_per_channel_affine(xg, s_t, z_t, 1, QMIN, QMAX, 1.0).backward(g)
+        else:
+            torch._fake_quantize_learnable_per_tensor_affine(xg, s_t, z_t, QMIN, QMAX, 1.0).backward(g)
+
+    return x.numel(), {"fwd": (ours_fwd, torch_fwd), "fwd+bwd": (ours_bwd, torch_bwd),
+                       "lsq fwd+bwd": (ours_lsq, torch_lsq)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1e5,1e6,1e7")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    print(f"mct_fx backend: {kernels.backend()}, device: {args.device}, threads: {torch.get_num_threads()}")
+    print(f"{'elements':>9s} {'grid':11s} {'pass':12s} {'mct_fx ms':>10s} {'GB/s':>7s} "
+          f"{'torch ms':>9s} {'GB/s':>7s} {'ratio':>6s}")
+    for size in (int(float(s)) for s in args.sizes.split(",")):
+        for per_channel in (False, True):
+            n, cases = _cases(size, per_channel, args.device)
+            for name, (ours, theirs) in cases.items():
+                t_ours, t_torch = _timeit(ours, args.device), _timeit(theirs, args.device)
+                gb_ours = n * BYTES[name]["mct_fx"] / t_ours / 1e9
+                gb_torch = n * BYTES[name]["torch"] / t_torch / 1e9
+                grid = "per-channel" if per_channel else "per-tensor"
+                print(f"{n:9.0e} {grid:11s} {name:12s} {t_ours * 1e3:10.3f} {gb_ours:7.2f} {t_torch * 1e3:9.3f} "
+                      f"{gb_torch:7.2f} {t_torch / t_ours:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
