@@ -91,3 +91,17 @@ def test_bits_validated():
         int_range(1, True)
     assert int_range(16, True) == (-32768, 32767)
     assert int_range(2, False) == (0, 3)
+
+
+def test_failed_build_warns_and_falls_back(tmp_path):
+    # no compiler: the ops still run, on the reference, after one warning
+    code = ("import warnings, torch\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import mct_fx.kernels as k\n"
+            "print(k.backend(), sum('could not build' in str(x.message) for x in w))\n"
+            "print(k.fake_quant(torch.tensor([0.3]), torch.tensor(0.5), torch.tensor(0.0), -4, 3).tolist())\n")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    env.pop("MCT_FX_KERNELS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split("\n")[:2] == ["reference 1", "[0.5]"]
