@@ -3,6 +3,7 @@
 from mct_fx import tpc
 from mct_fx.config import QuantConfig
 from mct_fx.data import CalibrationError
+from mct_fx.export import ExportError, ExportResult, export_onnx
 from mct_fx.kernels import backend
 from mct_fx.ptq import prepare, quantize, summary
 from mct_fx.quantizers import ActivationQuantizer, ErrorMethod, QuantMethod, WeightQuantizer
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "quantize", "prepare", "summary", "trace", "QuantConfig", "ErrorMethod", "QuantMethod", "Signedness",
     "ActivationQuantizer", "WeightQuantizer", "TargetPlatformCapabilities", "get_tpc", "load_tpc", "save_tpc",
-    "TraceError", "CalibrationError", "TPCError", "backend", "tpc",
+    "TraceError", "CalibrationError", "TPCError", "backend", "tpc", "export_onnx", "ExportError", "ExportResult",
 ]

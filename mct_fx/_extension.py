@@ -75,7 +75,14 @@ def cuda_build_env() -> tuple[dict[str, str], list[str]]:
 
 
 def _build(kind: str, sources: list[str], cuda: bool) -> None:
-    from torch.utils import cpp_extension
+    import logging
+
+    quiet = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU machines
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        quiet.setLevel(level)
 
     kwargs = {}
     if cuda:

@@ -40,7 +40,7 @@ from torch import Tensor
 from mct_fx import _extension
 
 __all__ = [
-    "backend", "fake_quant", "fake_quant_lut", "quantize", "dequantize",
+    "backend", "fake_quant", "fake_quant_lut", "quantize", "dequantize", "decompositions",
     "reference_fake_quant", "reference_fake_quant_backward", "reference_fake_quant_lsq_backward",
     "reference_fake_quant_lut", "reference_fake_quant_lut_backward",
 ]
@@ -236,3 +236,15 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: in
 def fake_quant_lut(x: Tensor, centers: Tensor, scale: Tensor, axis: int | None = None) -> Tensor:
     """Non-uniform (look-up table) fake quantize: nearest of ``centers`` times ``scale``."""
     return torch.ops.mct_fx.fake_quant_lut(x, centers, scale, axis)
+
+
+def decompositions() -> dict:
+    """``torch.export``'s default decompositions plus ours: the fake-quant ops as their pure-aten
+    reference (``round``/``clamp``/...), for backends that do not know ``torch.ops.mct_fx``::
+
+        program = torch.export.export(qmodel, (x,)).run_decompositions(mct_fx.kernels.decompositions())
+    """
+    table = torch.export.default_decompositions()
+    table[torch.ops.mct_fx.fake_quant.default] = reference_fake_quant
+    table[torch.ops.mct_fx.fake_quant_lut.default] = reference_fake_quant_lut
+    return table

@@ -150,5 +150,13 @@ def failing_node(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[fx.Node
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[tuple, dict]) -> None:
     """Record ``tensor_meta`` on every node by running ``example_inputs`` through ``gm``."""
     args, kwargs = example_inputs
+    node, err = failing_node(gm, args, kwargs)  # (ShapeProp would print a traceback of its own)
+    if err is not None:
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        shapes += [(k, tuple(v.shape)) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        at = f" at node {node.name!r}" if node is not None else ""
+        reason = str(err).split("\n\nWhile executing")[0]
+        raise TraceError(f"the example input (shapes {shapes}) does not run through the model{at}: "
+                         f"{type(err).__name__}: {reason}") from err
     with torch.no_grad():
         ShapeProp(gm).propagate(*bind_inputs(gm, args, kwargs))

@@ -29,6 +29,8 @@ MODES = ("observe", "frozen", "off")
 class FakeQuantizer(nn.Module):
     """Common state of activation and weight quantizers."""
 
+    affine = True  # the grid is scale + zero point (ONNX QDQ expresses it); a look-up-table quantizer is not
+
     def __init__(self, method: QuantMethod | str, n_bits: int, signed: bool | None, channels: int | None):
         super().__init__()
         self.method = QuantMethod(method)

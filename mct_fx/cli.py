@@ -1,0 +1,309 @@
+"""The ``mct-fx`` command: ``quantize``, ``demo``, ``tpc list`` / ``tpc show``.
+
+Errors print one line (``mct-fx: error: ...``) and exit with status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["main", "CLIError"]
+
+
+class CLIError(Exception):
+    """A user error the command reports in one line."""
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mct-fx", description="PyTorch-native model compression on torch.fx graphs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="post-training quantization of a model, exported as QDQ ONNX")
+    q.add_argument("--model", required=True, help="torchvision:NAME | PATH.py:FACTORY | demo")
+    q.add_argument("--weights", help="a state_dict file; for torchvision models also a weights name "
+                                      "(DEFAULT, IMAGENET1K_V1, ...) found in the torch hub cache")
+    q.add_argument("--calib", required=True, help="imagefolder:DIR | fashion-mnist | synthetic")
+    q.add_argument("--n-calib", type=int, default=256, help="calibration images (default 256)")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--image-size", type=int, default=224, help="imagefolder resize/crop size (default 224)")
+    q.add_argument("--input-shape", help="C,H,W of one input for synthetic data (default: the model's "
+                                          "input_shape attribute, else 3,IMAGE_SIZE,IMAGE_SIZE)")
+    q.add_argument("--tpc", default="imx500", help="built-in target name or a TPC .json file (default imx500)")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--opset", type=int, help="ONNX opset (default 20, 21 for 16-bit grids)")
+    q.add_argument("--onnx-weights", choices=("int8", "uint8"), default="int8",
+                   help="weight codes in the ONNX file; uint8 keeps onnxruntime exact on x86 CPUs without VNNI")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    d = sub.add_parser("demo", help="quantize the embedded Fashion-MNIST CNN (no download, < 1 min)")
+    d.add_argument("--out", default="mct_fx_demo", help="where model.onnx goes (default ./mct_fx_demo)")
+    d.add_argument("--tpc", default="imx500")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    t = sub.add_parser("tpc", help="built-in target platforms")
+    tsub = t.add_subparsers(dest="tpc_command", required=True)
+    tsub.add_parser("list", help="names and one-line descriptions")
+    show = tsub.add_parser("show", help="operator sets, bit-widths and fusing of one target")
+    show.add_argument("name", help="built-in name or a .json file")
+    show.add_argument("--json", action="store_true", help="print the JSON form")
+    for sp in (t, show):
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"quantize": _quantize, "demo": _demo, "tpc": _tpc}[args.command](args)
+    except KeyboardInterrupt:
+        print("mct-fx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line; --debug for the traceback
+        if args.debug:
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mct-fx: error: {message}", file=sys.stderr)
+        return 2
+
+
+# ------------------------------------------------------------------ quantize
+
+
+def load_model(spec: str, weights: str | None) -> nn.Module:
+    """A model from ``torchvision:NAME``, ``PATH.py:FACTORY`` or ``demo``, with ``weights`` loaded."""
+    if spec == "demo":
+        from mct_fx.demo import load_model as demo_model
+
+        model = demo_model()
+    elif spec.startswith("torchvision:"):
+        import torchvision
+
+        name = spec.split(":", 1)[1]
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise CLIError(f"--model: torchvision has no classification model {name!r}")
+        named = weights is not None and not os.path.isfile(weights)  # DEFAULT, IMAGENET1K_V1, ...
+        try:
+            model = torchvision.models.get_model(name, weights=weights if named else None)
+        except (KeyError, ValueError) as e:
+            raise CLIError(f"--weights {weights}: not a file, nor a weights name torchvision knows for {name} "
+                           f"({e})") from None
+        except OSError as e:  # no network: the checkpoint is not in the torch hub cache
+            raise CLIError(f"--weights {weights}: {name}'s weights are not in the torch hub cache "
+                           f"({torch.hub.get_dir()}/checkpoints) and cannot be downloaded: {e}") from None
+        if named:
+            weights = None
+    elif ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
+        path, factory = spec.rsplit(":", 1)
+        if not os.path.isfile(path):
+            raise CLIError(f"--model: {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        if not callable(getattr(module, factory, None)):
+            raise CLIError(f"--model: {path} has no callable {factory!r}")
+        model = getattr(module, factory)()
+        if not isinstance(model, nn.Module):
+            raise CLIError(f"--model: {path}:{factory}() returned a {type(model).__name__}, not an nn.Module")
+    else:
+        raise CLIError(f"--model {spec!r}: use torchvision:NAME, PATH.py:FACTORY or demo")
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise CLIError(f"--weights: {weights} does not exist")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except RuntimeError as e:
+            raise CLIError(f"--weights {weights} does not fit the model: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def calibration_loader(spec: str, n: int, batch_size: int, input_shape: tuple[int, ...]):
+    """The loader named by ``--calib``."""
+    from mct_fx import datasets
+
+    if n < 1:
+        raise CLIError(f"--n-calib must be >= 1, got {n}")
+    if spec.startswith("imagefolder:"):
+        side = input_shape[-1]
+        return datasets.image_folder(spec.split(":", 1)[1], n, image_size=side, batch_size=batch_size)
+    if spec == "fashion-mnist":
+        x, y = datasets.fashion_mnist("train")
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[order], y[order]), batch_size=batch_size)
+    if spec == "synthetic":
+        return datasets.synthetic(input_shape, n, batch_size)
+    raise CLIError(f"--calib {spec!r}: use imagefolder:DIR, fashion-mnist or synthetic")
+
+
+def _input_shape(args: argparse.Namespace, model: nn.Module) -> tuple[int, ...]:
+    if args.input_shape:
+        try:
+            return tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise CLIError(f"--input-shape {args.input_shape!r}: expected integers like 3,224,224") from None
+    return tuple(getattr(model, "input_shape", (3, args.image_size, args.image_size)))
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import mct_fx
+    from mct_fx.export import export_onnx
+    from mct_fx.resources import weights_memory
+
+    target = mct_fx.get_tpc(args.tpc)  # a bad --tpc fails before the model is built
+    model = load_model(args.model, args.weights)
+    loader = calibration_loader(args.calib, args.n_calib, args.batch_size, _input_shape(args, model))
+    out = Path(args.out)  # created once quantization succeeded: no half-done output folder
+    start = time.time()
+    qmodel = mct_fx.quantize(model, loader, target, verbose=not args.quiet)
+    seconds = time.time() - start
+    example = next(iter(loader))
+    example = example[0] if isinstance(example, (list, tuple)) else example
+    export = export_onnx(qmodel, example[:8], out / "model.onnx", opset=args.opset, weights_dtype=args.onnx_weights)
+    torch.save({"state_dict": qmodel.state_dict(), "model": args.model, "weights": args.weights,
+                "tpc": target.name}, out / "quantized_state.pt")
+    summary = mct_fx.summary(qmodel)
+    float_bytes, quant_bytes = weights_memory(qmodel)
+    report = {
+        "model": args.model, "weights": args.weights, "tpc": target.name, "calibration": args.calib,
+        "n_calib": args.n_calib, "quantize_seconds": round(seconds, 2),
+        "weights_bytes": {"float": float_bytes, "quantized": quant_bytes},
+        "onnx": _export_report(export), "layers": [asdict(layer) for layer in summary.layers],
+        "left_float": list(summary.unknown),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(summary)
+    print(f"\nquantized in {seconds:.1f} s; weights {float_bytes / 1e6:.2f} MB float -> "
+          f"{quant_bytes / 1e6:.2f} MB quantized")
+    print(f"wrote {out / 'model.onnx'}, {out / 'quantized_state.pt'}, {out / 'report.json'}")
+    return 0
+
+
+def _export_report(export) -> dict:
+    report = {"path": str(export.path), "opset": export.opset, "QuantizeLinear": export.n_quantize,
+              "DequantizeLinear": export.n_dequantize}
+    if export.agreement is not None:
+        report["agreement_with_graph_module"] = asdict(export.agreement)
+    return report
+
+
+# ------------------------------------------------------------------ demo
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import mct_fx
+    from mct_fx.demo import load_model as demo_model
+    from mct_fx.demo import load_samples
+    from mct_fx.export import export_onnx
+    from mct_fx.resources import weights_memory
+
+    start = time.time()
+    model = demo_model()
+    calib, images, labels = load_samples()
+    loader = torch.utils.data.DataLoader(calib, batch_size=64)
+    qmodel = mct_fx.quantize(model, loader, args.tpc, verbose=False)
+    seconds = time.time() - start
+    path = Path(args.out) / "model.onnx"
+    # uint8 weight codes: onnxruntime's fused int8 kernels saturate signed weights on x86 CPUs
+    # without VNNI (this demo's accuracy would drop by about half a point there)
+    export = export_onnx(qmodel, images[:16], path, weights_dtype="uint8")
+    with torch.no_grad():
+        float_acc = _accuracy(model(images), labels)
+        quant_acc = _accuracy(qmodel(images), labels)
+    onnx_acc = _onnx_accuracy(path, images, labels)
+    float_bytes, quant_bytes = weights_memory(qmodel)
+    print(f"mct-fx demo: a CNN trained on Fashion-MNIST, quantized for {args.tpc} "
+          f"with {len(calib)} calibration images in {seconds:.1f} s\n")
+    rows = [("", "accuracy (500 test images)", "weights"),
+            ("float", f"{float_acc:.1f}%", f"{float_bytes / 1024:.0f} KiB"),
+            ("quantized (PyTorch)", f"{quant_acc:.1f}%", f"{quant_bytes / 1024:.0f} KiB")]
+    if onnx_acc is not None:
+        rows.append(("quantized (onnxruntime)", f"{onnx_acc:.1f}%", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print(f"\nwrote {path} ({export.n_quantize} QuantizeLinear, {export.n_dequantize} DequantizeLinear)")
+    return 0
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean()) * 100
+
+
+def _onnx_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor) -> float | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    return _accuracy(torch.from_numpy(logits), labels)
+
+
+# ------------------------------------------------------------------ tpc
+
+
+def _tpc(args: argparse.Namespace) -> int:
+    from mct_fx.tpc import BUILTIN_TPCS, get_tpc, tpc_to_dict
+
+    if args.tpc_command == "list":
+        width = max(map(len, BUILTIN_TPCS))
+        for name, factory in BUILTIN_TPCS.items():
+            print(f"{name.ljust(width)}  {(factory.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    target = get_tpc(args.name)
+    if args.json:
+        print(json.dumps(tpc_to_dict(target), indent=2))
+    else:
+        print(describe_tpc(target))
+    return 0
+
+
+def describe_tpc(target) -> str:
+    """A readable table of a TPC: per operator set, the base configuration and the candidates."""
+    def config(c) -> str:
+        act = (f"A{c.activation_n_bits} {c.activation_method.value}" if c.enable_activation_quantization
+               else "preserves input grid" if c.quantization_preserving else "no quantizer")
+        if c.kernel.enabled:
+            act = f"W{c.kernel.n_bits} {c.kernel.method.value}{' per-channel' if c.kernel.per_channel else ''}, {act}"
+        return act
+
+    def bits(options) -> str:
+        ws = sorted({c.kernel.n_bits for c in options.candidates if c.kernel.enabled}, reverse=True)
+        acts = sorted({c.activation_n_bits for c in options.candidates if c.enable_activation_quantization},
+                      reverse=True)
+        return ", ".join(p for p in (f"W{'/'.join(map(str, ws))}" if ws else "",
+                                     f"A{'/'.join(map(str, acts))}" if acts else "") if p)
+
+    rows = [("operator set", "base configuration", "candidates")]
+    rows.append(("(default)", config(target.default_options.base), bits(target.default_options)))
+    for s in target.operator_sets:
+        options = s.options or target.default_options
+        rows.append((s.name, config(options.base), bits(options)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{target.name} (version {target.version})", ""]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if target.fusing_patterns:
+        lines += ["", "fused (only the last op's output is quantized):"]
+        lines += ["  " + " -> ".join("|".join(g) for g in f.groups) for f in target.fusing_patterns]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""QDQ ONNX export: standard ``QuantizeLinear``/``DequantizeLinear``, runnable by plain onnxruntime.
+
+Each frozen quantizer of the GraphModule becomes ONNX's own quantization ops:
+
+* a weight quantizer on a constant weight: the weight stored as its integer
+  codes (int8, or uint8 on request) followed by ``DequantizeLinear`` (with
+  ``axis`` when per-channel), as quantization tools write weights;
+* every other quantizer: ``QuantizeLinear`` → ``DequantizeLinear`` with a
+  scale and an int8 zero point (int16 above 256 levels, which needs opset 21;
+  unsigned grids are offset onto the signed type).  A grid narrower than its
+  type (2..7 bits) is preceded by a ``Clip`` to the grid's real range, which
+  gives the same codes as clamping them.
+
+Anything else that fake-quantizes a constant (e.g. a look-up-table weight
+quantizer) is exported as its dequantized values, with a warning.  The file is
+checked with ``onnx.checker`` and, when onnxruntime is installed, run on the
+example input and compared with the GraphModule.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, fx, nn
+
+from mct_fx.graph_utils import attr_value
+from mct_fx.kernels import dequantize
+from mct_fx.kernels import quantize as quantize_codes
+from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
+
+__all__ = ["export_onnx", "ExportError", "ExportResult"]
+
+log = logging.getLogger("mct_fx")
+
+_MIN_OPSET, _TORCH_MAX_OPSET, _MAX_OPSET = 13, 20, 21  # per-axis QDQ since 13; int16 QDQ since 21
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked (names the quantizer or setting at fault)."""
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How onnxruntime's run of the file compares with the GraphModule on the example input.
+
+    Different float summation orders flip a few values that sit on a rounding
+    boundary (about 1 in 10^5 at the first layer); each flip moves later layers
+    by a step or more, so deep models rarely agree within one step everywhere.
+    ``sqnr_*`` measure both against the float model (quantizers off): a file
+    that means the same as the GraphModule is as accurate as it.
+    """
+
+    max_abs_diff: float
+    output_step: float | None  # step of the quantizer producing the output(s); None when not quantized
+    within_one_step: float  # fraction of output elements within one step (of 1e-6 when not quantized)
+    sqnr_graph_module_db: float
+    sqnr_onnx_db: float
+
+    @property
+    def faithful(self) -> bool:
+        """The file is as accurate as the GraphModule (within 1 dB), or agrees within one step everywhere."""
+        return self.within_one_step == 1.0 or self.sqnr_onnx_db >= self.sqnr_graph_module_db - 1.0
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What was written; ``agreement`` is None when onnxruntime is not installed or ``verify=False``."""
+
+    path: Path
+    opset: int
+    n_quantize: int
+    n_dequantize: int
+    agreement: Agreement | None
+
+
+@dataclass(frozen=True, eq=False)
+class _Grid:
+    """A frozen grid, passed to the autograd functions as one non-tensor argument so that
+    their ``symbolic`` sees the values (ONNX constants), not graph inputs."""
+
+    scale: Tensor
+    zero_point: Tensor
+    qmin: int
+    qmax: int
+    axis: int | None
+    dtype: torch.dtype  # ONNX integer type of the codes / zero point
+    clip: tuple[Tensor, Tensor] | None = None  # real range, when narrower than ``dtype``
+
+    def constants(self, g) -> tuple[object, object, dict[str, int]]:
+        s = g.op("Constant", value_t=self.scale)
+        z = g.op("Constant", value_t=self.zero_point.to(self.dtype))
+        return s, z, ({} if self.axis is None else {"axis_i": self.axis})
+
+
+class _QDQ(torch.autograd.Function):
+    """Fake-quantize in PyTorch; ``[Clip →] QuantizeLinear → DequantizeLinear`` in ONNX."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, grid: _Grid) -> Tensor:  # noqa: ARG004
+        return torch.ops.mct_fx.fake_quant(x, grid.scale, grid.zero_point, grid.qmin, grid.qmax, grid.axis)
+
+    @staticmethod
+    def symbolic(g, x, grid: _Grid):
+        s, z, kw = grid.constants(g)
+        if grid.clip is not None:
+            lo, hi = grid.clip
+            x = g.op("Clip", x, g.op("Constant", value_t=lo), g.op("Constant", value_t=hi))
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z, **kw), s, z, **kw)
+
+
+class _Dequantize(torch.autograd.Function):
+    """Dequantize stored integer codes; ``DequantizeLinear`` of an integer initializer in ONNX."""
+
+    @staticmethod
+    def forward(ctx, codes: Tensor, grid: _Grid) -> Tensor:  # noqa: ARG004
+        return dequantize(codes.float(), grid.scale, grid.zero_point, grid.axis)
+
+    @staticmethod
+    def symbolic(g, codes, grid: _Grid):
+        s, z, kw = grid.constants(g)
+        return g.op("DequantizeLinear", codes, s, z, **kw)
+
+
+def _grid(q: FakeQuantizer, where: str, codes: torch.dtype | None = None) -> _Grid:
+    """``q``'s grid on int8 codes (int16 above 256 levels), or on ``codes`` for stored weights.
+
+    A grid that does not fit the type's range moves by a constant offset (codes and
+    zero point together, so its real values are unchanged), e.g. unsigned
+    activations onto int8 with zero point -128, or int8 weights onto uint8 with 128.
+    Stored codes are inside the grid already; a computed tensor on a grid
+    narrower than its type (2..7 bits) gets a ``Clip`` to the grid's real range.
+    """
+    levels = q.qmax - q.qmin + 1
+    if levels > 2**16:
+        raise ExportError(f"{where}: integer range {q.qmin}..{q.qmax} fits no ONNX QDQ type")
+    dtype = torch.int16 if levels > 2**8 else codes or torch.int8
+    info = torch.iinfo(dtype)
+    offset = 0 if info.min <= q.qmin and q.qmax <= info.max else info.min - q.qmin
+    clip = None
+    if codes is None and (q.qmin, q.qmax) != (info.min - offset, info.max - offset):
+        if getattr(q, "axis", None) is not None:
+            raise ExportError(f"{where}: a per-channel {q.n_bits}-bit grid on a non-constant tensor "
+                              "has no QDQ form (use 8 or 16 bits)")
+        clip = tuple(t.detach().float().reshape(()) for t in q.grid_range())
+    return _Grid(q.scale.detach().float().clone(), q.zero_point.detach().float() + offset, q.qmin + offset,
+                 q.qmax + offset, getattr(q, "axis", None), dtype, clip)
+
+
+class _QDQModule(nn.Module):
+    def __init__(self, q: FakeQuantizer, where: str):
+        super().__init__()
+        self.grid = _grid(q, where)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _QDQ.apply(x, self.grid)
+
+
+class _DequantizeModule(nn.Module):
+    def __init__(self, q: WeightQuantizer, weight: Tensor, where: str, codes: torch.dtype):
+        super().__init__()
+        self.grid = _grid(q, where, codes)
+        g = self.grid
+        codes = quantize_codes(weight.detach(), g.scale, g.zero_point, g.qmin, g.qmax, g.axis)
+        self.register_buffer("codes", codes.to(g.dtype))
+
+    def forward(self) -> Tensor:
+        return _Dequantize.apply(self.codes, self.grid)
+
+
+class _Constant(nn.Module):
+    def __init__(self, value: Tensor):
+        super().__init__()
+        self.register_buffer("value", value.detach().clone())
+
+    def forward(self) -> Tensor:
+        return self.value
+
+
+def _onnx_ready(qmodel: fx.GraphModule, weight_codes: torch.dtype) -> tuple[fx.GraphModule, bool, dict[str, float]]:
+    """A copy of ``qmodel`` whose quantizers export as QDQ; whether it needs 16-bit types; the step
+    of each quantizer that is exported as QuantizeLinear (by node name)."""
+    gm = copy.deepcopy(qmodel)
+    needs_16 = False
+    steps: dict[str, float] = {}
+    for node in list(gm.graph.nodes):
+        q = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(q, FakeQuantizer):
+            continue
+        where = f"quantizer {node.target!r}"
+        if q.mode == "observe":
+            raise ExportError(f"{where} is not calibrated: export a model returned by mct_fx.quantize")
+        weight = attr_value(gm, node.args[0])
+        if q.mode == "off":
+            replacement = None
+        elif not q.affine:
+            if weight is None:
+                raise ExportError(f"{where} ({type(q).__name__}) on a non-constant tensor has no QDQ form")
+            warnings.warn(f"{where} ({type(q).__name__}) has no QDQ form: its weight is exported as its "
+                          "dequantized float values", stacklevel=3)
+            with torch.no_grad():
+                replacement = _Constant(q(weight))
+        elif isinstance(q, WeightQuantizer) and weight is not None:
+            replacement = _DequantizeModule(q, weight, where, weight_codes)
+        else:
+            replacement = _QDQModule(q, where)
+            steps[node.name] = float(q.scale.max())
+        if replacement is not None and getattr(replacement, "grid", None) is not None:
+            needs_16 |= replacement.grid.dtype == torch.int16
+        _swap(gm, node, replacement)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm, needs_16, steps
+
+
+def _swap(gm: fx.GraphModule, node: fx.Node, replacement: nn.Module | None) -> None:
+    """Replace the quantizer call ``node`` by ``replacement`` (None: by its input)."""
+    if replacement is None:
+        node.replace_all_uses_with(node.args[0])
+    else:
+        gm.add_submodule(node.target, replacement)
+        if not isinstance(replacement, _QDQModule):
+            node.args = ()  # reads its own constant
+    if replacement is None:
+        gm.graph.erase_node(node)
+
+
+def _output_step(gm: fx.GraphModule, steps: dict[str, float]) -> float | None:
+    """The largest step of the quantizers producing the graph's outputs (None if an output is float)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    found = [steps.get(n.name) if isinstance(n, fx.Node) else None for n in torch.utils._pytree.tree_leaves(out.args)]
+    return None if not found or None in found else max(found)
+
+
+def _float_outputs(qmodel: fx.GraphModule, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    """The outputs with every quantizer off (the float model, BN folded)."""
+    gm = copy.deepcopy(qmodel)
+    for m in gm.modules():
+        if isinstance(m, FakeQuantizer):
+            m.mode = "off"
+    with torch.no_grad():
+        return [t.float() for t in torch.utils._pytree.tree_leaves(gm(*inputs))]
+
+
+def export_onnx(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, ...], path: str | os.PathLike,
+                opset: int | None = None, dynamic_batch: bool = True, *, weights_dtype: str = "int8",
+                verify: bool = True) -> ExportResult:
+    """Write ``qmodel`` (from :func:`mct_fx.quantize`) as a QDQ ONNX file and check it.
+
+    ``opset`` defaults to 20, or 21 when a grid needs 16-bit codes; the lowest
+    allowed is 13 (per-axis QDQ).  ``dynamic_batch`` makes dimension 0 of every
+    input and output symbolic.  ``weights_dtype``: ``"int8"`` stores weights as
+    signed codes (zero point 0 for symmetric grids, what most runtimes and
+    compilers expect); ``"uint8"`` offsets them by 128, which keeps onnxruntime's
+    fused int8 kernels exact on x86 CPUs without VNNI (signed weights can saturate
+    there, costing accuracy) at some speed.  The file is checked with ``onnx.checker``; with
+    onnxruntime installed (and ``verify``) it is run on ``example_input`` and
+    compared with ``qmodel`` (see :class:`Agreement`); a file less accurate than
+    ``qmodel`` raises :class:`ExportError` (and is kept for inspection).
+    """
+    import onnx
+
+    if not isinstance(qmodel, fx.GraphModule):
+        raise ExportError(f"export_onnx takes the GraphModule mct_fx.quantize returns, got {type(qmodel).__name__}")
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    codes = {"int8": torch.int8, "uint8": torch.uint8}.get(weights_dtype)
+    if codes is None:
+        raise ExportError(f"weights_dtype must be 'int8' or 'uint8', got {weights_dtype!r}")
+    gm, needs_16, steps = _onnx_ready(qmodel, codes)
+    if opset is None:
+        opset = _MAX_OPSET if needs_16 else _TORCH_MAX_OPSET
+    if not _MIN_OPSET <= opset <= _MAX_OPSET:
+        raise ExportError(f"opset must be in {_MIN_OPSET}..{_MAX_OPSET}, got {opset}")
+    if needs_16 and opset < 21:
+        raise ExportError(f"the model has 16-bit grids, which QuantizeLinear supports from opset 21 (asked {opset})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gm.eval()
+    with torch.no_grad():
+        expected = [t.float() for t in torch.utils._pytree.tree_leaves(qmodel(*inputs))]
+    names_in = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    names_out = [f"output{i}" if len(expected) > 1 else "output" for i in range(len(expected))]
+    axes = {n: {0: "batch"} for n in names_in + names_out} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(gm, inputs, str(path), dynamo=False, opset_version=min(opset, _TORCH_MAX_OPSET),
+                          input_names=names_in, output_names=names_out, dynamic_axes=axes,
+                          do_constant_folding=True)
+    model = onnx.load(str(path))
+    if opset > _TORCH_MAX_OPSET:  # ops changed at 21 only gained types: the opset-20 graph means the same
+        for imp in model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                imp.version = opset
+        onnx.save(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    agreement = None
+    if verify:
+        got = _run_onnxruntime(path, inputs)
+        if got is not None:
+            agreement = _agreement(got, expected, _float_outputs(qmodel, inputs), _output_step(qmodel, steps))
+    result = ExportResult(path, opset, ops.count("QuantizeLinear"), ops.count("DequantizeLinear"), agreement)
+    if agreement is not None and not agreement.faithful:
+        raise ExportError(f"{path}: onnxruntime's output is less accurate than the GraphModule's "
+                          f"({agreement.sqnr_onnx_db:.1f} dB vs {agreement.sqnr_graph_module_db:.1f} dB SQNR against "
+                          "float); the file is kept for inspection")
+    log.info("wrote %s (opset %d, %d QuantizeLinear, %d DequantizeLinear)%s", path, opset, result.n_quantize,
+             result.n_dequantize, "" if agreement is None else f"; vs the GraphModule: {agreement}")
+    return result
+
+
+def _sqnr_db(ref: list[Tensor], got: list[Tensor]) -> float:
+    signal = sum(float(r.pow(2).sum()) for r in ref)
+    noise = sum(float((r - g).pow(2).sum()) for r, g in zip(ref, got, strict=True))
+    return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+def _agreement(got: list[Tensor], expected: list[Tensor], floats: list[Tensor], step: float | None) -> Agreement:
+    diffs = torch.cat([(g - e).abs().flatten() for g, e in zip(got, expected, strict=True)])
+    tol = (step if step is not None else 1e-6) * (1 + 1e-6)
+    return Agreement(max_abs_diff=float(diffs.max()), output_step=step,
+                     within_one_step=float((diffs <= tol).float().mean()),
+                     sqnr_graph_module_db=_sqnr_db(floats, expected), sqnr_onnx_db=_sqnr_db(floats, got))
+
+
+def _run_onnxruntime(path: Path, inputs: tuple[Tensor, ...]) -> list[Tensor] | None:
+    """The file's outputs under onnxruntime with graph optimizations off, i.e. the ONNX
+    semantics of QDQ (fused int8 kernels may differ by hardware); None without onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        log.info("onnxruntime not installed: %s not run", path)
+        return None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+    return [torch.from_numpy(o).float() for o in session.run(None, feed)]
