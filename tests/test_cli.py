@@ -126,3 +126,24 @@ def test_tpc_list_and_show(capsys):
     assert main(["tpc", "show", "int8", "--json"]) == 0
     assert mct_fx.tpc.tpc_from_dict(json.loads(capsys.readouterr().out)).name == "int8"
     assert main(["tpc", "show", "nope"]) == 2
+
+
+def test_quantize_on_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(3):
+            pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / cls / f"{i}.png")
+    (tmp_path / "net.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(4, 2))\n")
+    assert main(["quantize", "--model", f"{tmp_path / 'net.py'}:build", "--calib",
+                 f"imagefolder:{tmp_path / 'images'}", "--n-calib", "5", "--batch-size", "2", "--image-size", "32",
+                 "--quiet", "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["n_calib"] == 5 and report["onnx"]["QuantizeLinear"] >= 2
