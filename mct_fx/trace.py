@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
 import linecache
 import traceback
 from collections.abc import Iterable
@@ -148,15 +150,42 @@ def failing_node(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[fx.Node
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[tuple, dict]) -> None:
-    """Record ``tensor_meta`` on every node by running ``example_inputs`` through ``gm``."""
+    """Record ``tensor_meta`` on every node by running ``example_inputs`` through ``gm``.
+
+    When every input tensor has the same batch size, one sample is enough for shapes
+    and dtypes (a full batch is the fallback), so the recorded batch dimension is 1.
+    """
     args, kwargs = example_inputs
-    node, err = failing_node(gm, args, kwargs)  # (ShapeProp would print a traceback of its own)
-    if err is not None:
+    try:
+        _shape_prop(gm, _one_sample(args), _one_sample(kwargs))
+    except Exception:  # noqa: BLE001 - e.g. a batch-of-one squeeze: the full batch decides
+        pass
+    else:
+        return
+    try:
+        _shape_prop(gm, args, kwargs)
+    except Exception as e:  # noqa: BLE001 - rerun node by node to name the failing node
+        node, err = failing_node(gm, args, kwargs)
+        err = err or e
         shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
         shapes += [(k, tuple(v.shape)) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
         at = f" at node {node.name!r}" if node is not None else ""
         reason = str(err).split("\n\nWhile executing")[0]
         raise TraceError(f"the example input (shapes {shapes}) does not run through the model{at}: "
-                         f"{type(err).__name__}: {reason}") from err
-    with torch.no_grad():
+                         f"{type(err).__name__}: {reason}") from e
+
+
+def _shape_prop(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback
         ShapeProp(gm).propagate(*bind_inputs(gm, args, kwargs))
+
+
+def _one_sample(inputs):
+    """The first sample of every tensor when they all share one batch size > 1 (else ``inputs``)."""
+    tensors = [t for t in (inputs.values() if isinstance(inputs, dict) else inputs) if isinstance(t, torch.Tensor)]
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    if len(sizes) != 1 or None in sizes or sizes == {1}:
+        return inputs
+    if isinstance(inputs, dict):
+        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return tuple(v[:1] if isinstance(v, torch.Tensor) else v for v in inputs)

@@ -211,3 +211,38 @@ def test_cuda_kernels_are_in_use_and_quantize_runs_on_gpu():
     x = zoo.evaluation(side, 4).cuda()
     with torch.no_grad():
         assert zoo.sqnr_db(model(x), q(x)) > 15
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), n=st.integers(1, 300), k=st.integers(1, 9), p=st.sampled_from([1.0, 2.0, 2.5]),
+       weighted=st.sampled_from([None, "shared", "per_row"]), shifted=st.booleans(), n_bits=st.integers(2, 16),
+       seed=st.integers(0, 2**16))
+def test_quant_error_matches_reference(rows, n, k, p, weighted, shifted, n_bits, seed):
+    """The fused search error equals the reference up to summation order."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, n, generator=g) * 3
+    scale = torch.rand(rows, k, generator=g) * 0.2 + 1e-3
+    qmin, qmax = int_range(n_bits, not shifted)
+    zero_point = torch.randint(0, 5, (rows, k), generator=g).float() if shifted else None
+    counts = {None: None, "shared": torch.rand(1, n, generator=g),
+              "per_row": torch.rand(rows, n, generator=g)}[weighted]
+    got = kernels.quant_error(values, counts, scale, zero_point, qmin, qmax, p)
+    want = kernels.reference_quant_error(values, counts, scale, zero_point, qmin, qmax, p)
+    assert got.shape == (rows, k)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 6), n=st.integers(1, 300), weighted=st.booleans(), n_bits=st.integers(2, 16),
+       seed=st.integers(0, 2**16))
+def test_fit_scale_matches_reference(rows, n, weighted, n_bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, n, generator=g)
+    values[0] = 0  # a row whose codes are all zero keeps its scale
+    scale = torch.rand(rows, generator=g) * 0.1 + 1e-3
+    counts = torch.rand(rows, n, generator=g) if weighted else None
+    qmin, qmax = int_range(n_bits, True)
+    got = kernels.fit_scale(values, counts, scale, qmin, qmax)
+    want = kernels.reference_fit_scale(values, counts, scale, qmin, qmax)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert got[0] == scale[0]

@@ -1,0 +1,343 @@
+"""mct_fx side by side with Sony's MCT and torch.ao FX PTQ, on real data: one table per model.
+
+    python benchmarks/compare.py --mct-python .nox/mct-peer/bin/python [--repeats 3]
+    nox -s bench        # builds the MCT venv and the assets first
+
+Every method gets the same float model, the same calibration images and the
+same evaluation images, and runs in a fresh worker process (so wall time and peak
+RSS are its own): ``python benchmarks/compare.py --worker METHOD JOB OUT``.
+Models:
+
+* ``fmnist_resnet``, ``fmnist_mobilenet``: trained by ``train_fmnist.py``;
+  512 calibration images from the training split, accuracy on the 10k test images;
+* ``mobilenet_v2``: torchvision's ImageNet weights; 512 calibration crops, top-1
+  agreement with float and logit SQNR on 256 evaluation crops of other photos,
+  plus top-1 on foolbox's 20 labelled ImageNet samples (see ``assets.py``).
+
+Tables go to stdout and to ``benchmarks/results/compare.{md,json}``.  Later
+workflows add rows by adding a :class:`Method` to ``METHODS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, HERE)
+
+
+# ------------------------------------------------------------------ methods (run inside workers)
+
+
+def _batches(x: torch.Tensor, size: int = 32) -> list[torch.Tensor]:
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+def _mct_fx_ptq(model, calib):
+    import mct_fx
+
+    return mct_fx.quantize(model, _batches(calib), "imx500", verbose=False)
+
+
+def _mct_ptq(model, calib):
+    import model_compression_toolkit as mct
+
+    tpc = mct.get_target_platform_capabilities(tpc_version="1.0", device_type="imx500")
+
+    def gen():
+        for b in _batches(calib):
+            yield [b]
+
+    q, _ = mct.ptq.pytorch_post_training_quantization(model, gen, target_platform_capabilities=tpc)
+    return q
+
+
+def _torch_ao_ptq(model, calib):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), example_inputs=(calib[:1],))
+    with torch.no_grad():
+        for b in _batches(calib):
+            prepared(b)
+    return convert_fx(prepared)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    bits: str
+    peer: str  # which python runs it: "ours" (this venv) or "mct" (the MCT venv)
+    run: Callable  # (float model, calibration images) -> quantized callable
+
+
+METHODS = {m.name: m for m in (
+    Method("mct_fx PTQ", "W8A8", "ours", _mct_fx_ptq),
+    Method("MCT PTQ", "W8A8", "mct", _mct_ptq),
+    Method("torch.ao FX PTQ (x86)", "W8A8", "ours", _torch_ao_ptq),
+)}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory.  VmHWM, not ru_maxrss: Linux carries the parent's
+    high-water mark into ru_maxrss across fork + exec, and the parent holds all the data."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _build(spec: dict) -> torch.nn.Module:
+    if spec["kind"] == "fmnist":
+        from fmnist_models import MODELS
+
+        model = MODELS[spec["name"]]()
+        model.load_state_dict(torch.load(spec["path"], weights_only=True)["state_dict"])
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(spec["name"], weights=spec["weights"])
+    return model.eval()
+
+
+def worker(method: str, job_path: str, out_path: str) -> None:
+    torch.manual_seed(0)
+    job = torch.load(job_path, weights_only=False)
+    model = _build(job["model"])
+    baseline = _peak_rss_mb()
+    start = time.perf_counter()
+    qmodel = METHODS[method].run(model, job["calib"])
+    seconds = time.perf_counter() - start
+    peak = _peak_rss_mb()
+    logits = {}
+    with torch.no_grad():
+        for name, x in job["eval"].items():
+            logits[name] = torch.cat([qmodel(b) for b in _batches(x, 100)]).float()
+    torch.save({"seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": baseline, "logits": logits,
+                "threads": torch.get_num_threads()}, out_path)
+
+
+# ------------------------------------------------------------------ jobs (parent process)
+
+
+def _fmnist_job(name: str, n_calib: int) -> tuple[dict, dict, dict]:
+    import train_fmnist
+
+    import assets
+
+    train_fmnist.load(name)  # trains and caches when missing
+    x, _ = assets.fashion_mnist("train")
+    xt, yt = assets.fashion_mnist("test")
+    calib = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n_calib]]
+    spec = {"kind": "fmnist", "name": name, "path": train_fmnist.path_of(name)}
+    return spec, {"calib": calib, "eval": {"test": xt}}, {"test": yt}
+
+
+def _mobilenet_job(n_calib: int) -> tuple[dict, dict, dict]:
+    import assets
+
+    assets.mobilenet_v2_weights()
+    calib, crops = assets.imagenet_fidelity_sets(n_calib, 256)
+    samples, labels = assets.foolbox_imagenet()
+    spec = {"kind": "torchvision", "name": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
+    return spec, {"calib": calib, "eval": {"crops": crops, "foolbox": samples}}, {"foolbox": labels}
+
+
+def _sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean().clamp_min(1e-30)))
+
+
+def _quality(logits: dict, float_logits: dict, labels: dict) -> dict:
+    q = {}
+    for name, lg in logits.items():
+        if name in labels:
+            q[f"{name}_accuracy"] = float((lg.argmax(1) == labels[name]).float().mean()) * 100
+        else:
+            q[f"{name}_agreement"] = float((lg.argmax(1) == float_logits[name].argmax(1)).float().mean()) * 100
+            q[f"{name}_sqnr_db"] = _sqnr_db(float_logits[name], lg)
+    return q
+
+
+def run_model(model_name: str, methods: list[str], args) -> dict:
+    job_spec, data, labels = (_mobilenet_job(args.n_calib) if model_name == "mobilenet_v2"
+                              else _fmnist_job(model_name, args.n_calib))
+    model = _build(job_spec)
+    with torch.no_grad():
+        float_logits = {k: torch.cat([model(b) for b in _batches(x, 100)]) for k, x in data["eval"].items()}
+    result = {"model": model_name, "n_calib": len(data["calib"]), "float": _quality(float_logits, float_logits, labels),
+              "methods": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path = os.path.join(tmp, "job.pt")
+        torch.save({"model": job_spec, **data}, job_path)
+        for name in methods:
+            python = sys.executable if METHODS[name].peer == "ours" else args.mct_python
+            if not python or not os.path.exists(python):
+                result["methods"][name] = {"error": "no --mct-python given"}
+                continue
+            runs = []
+            for r in range(args.repeats):
+                out = os.path.join(tmp, f"out{r}.pt")
+                proc = subprocess.run([python, os.path.abspath(__file__), "--worker", name, job_path, out],
+                                      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                          [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])))
+                if proc.returncode != 0:
+                    lines = proc.stderr.strip().splitlines()
+                    runs = [{"error": lines[-1] if lines else f"exit status {proc.returncode}"}]
+                    sys.stderr.write(proc.stderr[-2000:])
+                    break
+                runs.append(torch.load(out, weights_only=False))
+            if "error" in runs[0]:
+                result["methods"][name] = runs[0]
+                continue
+            result["methods"][name] = {
+                "bits": METHODS[name].bits,
+                "seconds": statistics.median(r["seconds"] for r in runs),
+                "seconds_all": [r["seconds"] for r in runs],
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                "baseline_rss_mb": min(r["baseline_rss_mb"] for r in runs),
+                "threads": runs[0]["threads"],
+                **_quality(runs[-1]["logits"], float_logits, labels),
+            }
+    return result
+
+
+# ------------------------------------------------------------------ tables
+
+
+def _headline(result: dict) -> tuple[str, str]:
+    """The quality key a table leads with, and its label."""
+    if result["model"] == "mobilenet_v2":
+        return "crops_agreement", "top-1 agreement %"
+    return "test_accuracy", "accuracy %"
+
+
+def table(result: dict) -> str:
+    key, label = _headline(result)
+    ref = result["float"].get(key, 100.0)
+    mct = result["methods"].get("MCT PTQ", {})
+    extra = result["model"] == "mobilenet_v2"
+    head = ["method", "bits", label, "drop vs float"]
+    head += ["logit SQNR dB", "foolbox top-1 %"] if extra else []
+    head += ["quantize s", "peak RSS MB", "time / MCT", "memory / MCT"]
+    rows = [head, ["float", "32", f"{ref:.2f}", ""] + ([
+        "", f"{result['float']['foolbox_accuracy']:.0f}"] if extra else []) + ["", "", "", ""]]
+    for name, m in result["methods"].items():
+        if "error" in m:
+            rows.append([name, "", f"failed: {m['error'][:80]}"] + [""] * (len(head) - 3))
+            continue
+        row = [name, m["bits"], f"{m[key]:.2f}", f"{ref - m[key]:+.2f}"]
+        row += [f"{m['crops_sqnr_db']:.2f}", f"{m['foolbox_accuracy']:.0f}"] if extra else []
+        row += [f"{m['seconds']:.1f}", f"{m['peak_rss_mb']:.0f}"]
+        if "seconds" in mct and name != "MCT PTQ":
+            row += [f"{m['seconds'] / mct['seconds']:.2f}", f"{m['peak_rss_mb'] / mct['peak_rss_mb']:.2f}"]
+        else:
+            row += ["", ""]
+        rows.append(row)
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("---" for _ in head) + "|")
+    return f"### {result['model']} ({result['n_calib']} calibration images)\n\n" + "\n".join(lines)
+
+
+def targets(result: dict) -> list[str]:
+    """The issue's W8A8 targets, each PASS or MISS with the numbers."""
+    key, _ = _headline(result)
+    ours, mct = result["methods"].get("mct_fx PTQ", {}), result["methods"].get("MCT PTQ", {})
+    ao = result["methods"].get("torch.ao FX PTQ (x86)", {})
+    ref = result["float"].get(key, 100.0)
+    out = []
+
+    def check(ok: bool, text: str) -> None:
+        out.append(f"- {'PASS' if ok else 'MISS'}: {text}")
+
+    if key not in ours:
+        return ["- mct_fx did not run"]
+    drop = ref - ours[key]
+    if result["model"] != "mobilenet_v2":
+        check(drop <= 0.3, f"accuracy drop {drop:.2f} <= 0.3 points")
+        if key in mct:
+            check(drop <= ref - mct[key] + 1e-9, f"drop {drop:.2f} <= MCT's {ref - mct[key]:.2f}")
+    elif key in mct:
+        check(ours[key] >= mct[key], f"top-1 agreement {ours[key]:.2f}% >= MCT's {mct[key]:.2f}%")
+    if "seconds" in mct:
+        check(ours["seconds"] <= mct["seconds"] / 5,
+              f"time {ours['seconds']:.1f} s <= MCT's / 5 = {mct['seconds'] / 5:.1f} s")
+        check(ours["peak_rss_mb"] <= mct["peak_rss_mb"],
+              f"peak RSS {ours['peak_rss_mb']:.0f} MB <= MCT's {mct['peak_rss_mb']:.0f} MB")
+    if "seconds" in ao:
+        check(ours["seconds"] <= 2 * ao["seconds"],
+              f"time {ours['seconds']:.1f} s <= 2 x torch.ao's {ao['seconds']:.1f} s")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="fmnist_resnet,fmnist_mobilenet,mobilenet_v2")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--repeats", type=int, default=1, help="runs per method; times are medians")
+    parser.add_argument("--n-calib", type=int, default=512)
+    parser.add_argument("--mct-python", default=os.environ.get("MCT_PYTHON"))
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--readme", action="store_true", help="also put the tables into README.md's Results section")
+    args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
+    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads; medians of {args.repeats} run(s)")
+    results, sections = [], [f"Machine: {machine}.", "Command: `python benchmarks/compare.py "
+                              f"--repeats {args.repeats}` (`nox -s bench`)."]
+    for name in [m.strip() for m in args.models.split(",")]:
+        result = run_model(name, methods, args)
+        results.append(result)
+        section = table(result) + "\n\nTargets:\n" + "\n".join(targets(result))
+        sections.append(section)
+        print(section + "\n", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "compare.md"), "w") as f:
+        f.write("\n\n".join(sections) + "\n")
+    with open(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump({"machine": machine, "results": results}, f, indent=2)
+    print(f"wrote {os.path.join(args.out, 'compare.md')} and compare.json")
+    if args.readme:
+        update_readme("\n\n".join(sections))
+
+
+def update_readme(tables: str, path: str = os.path.join(os.path.dirname(HERE), "README.md")) -> None:
+    """Replace what lies between the Results markers of the README with ``tables``."""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    with open(path) as f:
+        text = f.read()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{start}\n{tables}\n{end}{tail}")
+    print(f"updated the Results section of {path}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:])
+    else:
+        main()
