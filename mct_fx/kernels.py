@@ -156,38 +156,41 @@ def reference_fake_quant_lut_backward(grad: Tensor, x: Tensor, centers: Tensor, 
 _CHUNK_ELEMENTS = 1 << 20  # values per block of the reference quant_error (cache-sized)
 
 
+def candidate_blocks(rows: int, k_total: int, n: int):
+    """``((r0, r1), (k0, k1))`` blocks of rows and candidates whose ``[rows, candidates, n]``
+    intermediate stays cache-sized (about ``2**20`` values)."""
+    chunk_k = min(k_total, max(1, _CHUNK_ELEMENTS // n))
+    chunk_r = max(1, _CHUNK_ELEMENTS // (chunk_k * n))
+    for r0 in range(0, rows, chunk_r):
+        for k0 in range(0, k_total, chunk_k):
+            yield (r0, min(rows, r0 + chunk_r)), (k0, min(k_total, k0 + chunk_k))
+
+
 def reference_quant_error(values: Tensor, counts: Tensor | None, scale: Tensor, zero_point: Tensor | None,
                           qmin: int, qmax: int, p: float) -> Tensor:
     """``[R, K]``: for row ``r`` and candidate grid ``k``, the sum over the row's values ``v``
     (weighted by ``counts``, ``[1 or R, N]``) of ``|fake_quant(v) - v|^p`` on the grid
     ``scale[r, k]``, ``zero_point[r, k]`` (None: 0), ``qmin..qmax``.  Blocks of rows and
     candidates with in-place ops keep the ``[R, K, N]`` intermediate cache-sized."""
-    rows, n = values.shape
-    k_total = scale.shape[1]
     values = values.float()
     counts = None if counts is None else counts.float()
-    chunk_k = min(k_total, max(1, _CHUNK_ELEMENTS // n))
-    chunk_r = max(1, _CHUNK_ELEMENTS // (chunk_k * n))
-    out = torch.empty(rows, k_total, device=values.device, dtype=torch.float32)
-    for r0 in range(0, rows, chunk_r):
-        r1 = r0 + chunk_r
+    out = torch.empty(scale.shape, device=values.device, dtype=torch.float32)
+    for (r0, r1), (k0, k1) in candidate_blocks(values.shape[0], scale.shape[1], values.shape[1]):
         v = values[r0:r1, None, :]
         c = None if counts is None else (counts if counts.shape[0] == 1 else counts[r0:r1])
-        for k0 in range(0, k_total, chunk_k):
-            k1 = k0 + chunk_k
-            s = scale[r0:r1, k0:k1, None].float()
-            z = None if zero_point is None else zero_point[r0:r1, k0:k1, None].float()
-            t = torch.round(v / s)
-            if z is not None:
-                t.add_(z)
-            t.clamp_(qmin, qmax)
-            if z is not None:
-                t.sub_(z)
-            t.mul_(s).sub_(v)
-            if c is None:
-                out[r0:r1, k0:k1] = torch.linalg.vector_norm(t, p, -1).pow_(p)
-            else:
-                out[r0:r1, k0:k1] = (t.abs_().pow_(p) * c[:, None, :]).sum(-1)
+        s = scale[r0:r1, k0:k1, None].float()
+        z = None if zero_point is None else zero_point[r0:r1, k0:k1, None].float()
+        t = torch.round(v / s)
+        if z is not None:
+            t.add_(z)
+        t.clamp_(qmin, qmax)
+        if z is not None:
+            t.sub_(z)
+        t.mul_(s).sub_(v)
+        if c is None:
+            out[r0:r1, k0:k1] = torch.linalg.vector_norm(t, p, -1).pow_(p)
+        else:
+            out[r0:r1, k0:k1] = (t.abs_().pow_(p) * c[:, None, :]).sum(-1)
     return out
 
 

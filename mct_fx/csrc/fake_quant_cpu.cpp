@@ -34,15 +34,6 @@ using mct_fx::memory_view;
 using mct_fx::params_of;
 using mct_fx::View;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MCT_FX_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MCT_FX_CLONES
-#endif
-
-// The loop templates must be inlined into the target_clones wrappers to be compiled for AVX2.
-#define MCT_FX_INLINE inline __attribute__((always_inline))
-
 constexpr int64_t kChunk = 1024;  // values per run (and per conversion buffer for half/bfloat16)
 
 // ----------------------------------------------------------------- the loops

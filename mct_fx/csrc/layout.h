@@ -1,5 +1,15 @@
-// Layout helpers shared by the CPU and CUDA kernels of the mct_fx fake-quantize ops.
+// Layout helpers shared by the CPU and CUDA kernels of the mct_fx ops, and the CPU
+// kernels' compile attributes.
 #pragma once
+
+// CPU hot loops are compiled for AVX2 and generic x86-64 (target_clones picks one at load
+// time); their loop templates must be inlined into those wrappers to be vectorised.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define MCT_FX_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MCT_FX_CLONES
+#endif
+#define MCT_FX_INLINE inline __attribute__((always_inline))
 
 #include <ATen/ATen.h>
 

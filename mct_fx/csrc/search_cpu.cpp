@@ -10,17 +10,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "layout.h"
+
 #include <cmath>
 #include <optional>
 
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MCT_FX_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MCT_FX_CLONES
-#endif
-#define MCT_FX_INLINE inline __attribute__((always_inline))
 
 constexpr int kLanes = 8;
 

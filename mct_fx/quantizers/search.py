@@ -25,6 +25,7 @@ import enum
 import torch
 from torch import Tensor
 
+from mct_fx.kernels import candidate_blocks
 from mct_fx.kernels import fit_scale as kernel_fit_scale
 from mct_fx.kernels import quant_error as kernel_quant_error
 from mct_fx.quantizers.params import (
@@ -38,7 +39,6 @@ from mct_fx.quantizers.params import (
 
 __all__ = ["ErrorMethod", "search_params", "quant_error", "row_histograms"]
 
-_CHUNK_ELEMENTS = 2**20  # per evaluated [rows, candidates, values] block: fits in cache
 # Power-of-two candidates: t0 = 2**ceil(log2(max)), then 2*t0, t0/2, ..., t0/2**6.
 _POT_EXPONENTS = (0, 1, -1, -2, -3, -4, -5, -6)
 # Grids are ordered so that index 0 is the no-clipping grid: argmin returns the
@@ -83,27 +83,21 @@ def quant_error(values: Tensor, counts: Tensor | None, scale: Tensor, zero_point
     """
     if error is not ErrorMethod.KL:
         return kernel_quant_error(values, counts, scale, zero_point, qmin, qmax, _p_of(error, p))
-    rows, n = values.shape
-    k_total = scale.shape[1]
+    n = values.shape[1]
     values = values.float()
     counts = torch.ones_like(values[:1]) if counts is None else counts.float()
-    chunk_k = min(k_total, max(1, _CHUNK_ELEMENTS // n))
-    chunk_r = max(1, _CHUNK_ELEMENTS // (chunk_k * n))
-    out = torch.empty(rows, k_total, device=values.device, dtype=torch.float32)
-    for r0 in range(0, rows, chunk_r):
-        r1 = r0 + chunk_r
+    out = torch.empty(scale.shape, device=values.device, dtype=torch.float32)
+    for (r0, r1), (k0, k1) in candidate_blocks(values.shape[0], scale.shape[1], n):
         v = values[r0:r1, None, :]
         c = counts if counts.shape[0] == 1 else counts[r0:r1]
-        for k0 in range(0, k_total, chunk_k):
-            k1 = k0 + chunk_k
-            s = scale[r0:r1, k0:k1, None]
-            t = torch.round(v / s)
-            if zero_point is not None:
-                t.add_(zero_point[r0:r1, k0:k1, None])
-            kl = _kl(t, c.expand(t.shape[0], -1), qmin, qmax)
-            # a quantization step finer than a histogram bin makes KL meaningless (0)
-            width = (v[:, :, 1:2] - v[:, :, 0:1]) if n > 1 else torch.zeros_like(v[:, :, :1])
-            out[r0:r1, k0:k1] = torch.where(s[..., 0] < width[..., 0] * 0.999, torch.inf, kl)
+        s = scale[r0:r1, k0:k1, None]
+        t = torch.round(v / s)
+        if zero_point is not None:
+            t.add_(zero_point[r0:r1, k0:k1, None])
+        kl = _kl(t, c.expand(t.shape[0], -1), qmin, qmax)
+        # a quantization step finer than a histogram bin makes KL meaningless (0)
+        width = (v[:, :, 1:2] - v[:, :, 0:1]) if n > 1 else torch.zeros_like(v[:, :, :1])
+        out[r0:r1, k0:k1] = torch.where(s[..., 0] < width[..., 0] * 0.999, torch.inf, kl)
     return out
 
 
