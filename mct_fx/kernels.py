@@ -27,7 +27,8 @@ The ops live in the ``torch.ops.mct_fx`` namespace, so autograd,
   ``[min(centers), max(centers)] * scale``;
 * ``quant_error(values, counts, scale, zero_point, qmin, qmax, p)``: the Lp
   error of many candidate grids on many rows at once, and ``fit_scale``, the
-  least-squares scale of a grid's codes, for the parameter search.
+  least-squares scale of a grid's codes, for the parameter search; ``histogram``
+  for the calibration statistics.
 
 The pure-torch functions ``reference_*`` below are the ground truth: they are
 registered for every device as the fallback, and the fused C++ (CPU) kernels
@@ -45,6 +46,7 @@ from mct_fx import _extension
 __all__ = [
     "backend", "fake_quant", "fake_quant_lut", "quantize", "dequantize", "decompositions", "quant_error",
     "reference_quant_error", "fit_scale", "reference_fit_scale",
+    "histogram", "reference_histogram",
     "reference_fake_quant", "reference_fake_quant_backward", "reference_fake_quant_lsq_backward",
     "reference_fake_quant_lut", "reference_fake_quant_lut_backward",
 ]
@@ -60,6 +62,7 @@ _LIB.define("fake_quant_lut_backward(Tensor grad, Tensor x, Tensor centers, Tens
 _LIB.define("quant_error(Tensor values, Tensor? counts, Tensor scale, Tensor? zero_point, int qmin, int qmax, "
             "float p) -> Tensor")
 _LIB.define("fit_scale(Tensor values, Tensor? counts, Tensor scale, int qmin, int qmax) -> Tensor")
+_LIB.define("histogram(Tensor x, Tensor range, int bins) -> Tensor")
 
 
 # ----------------------------------------------------------------- reference
@@ -194,6 +197,15 @@ def reference_quant_error(values: Tensor, counts: Tensor | None, scale: Tensor, 
     return out
 
 
+def reference_histogram(x: Tensor, range: Tensor, bins: int) -> Tensor:  # noqa: A002 - the op's argument
+    """int64 counts of ``x`` in ``bins`` equal bins over ``[-range, range]`` (values outside go to
+    the end bins; NaN is not allowed), computed on ``x``'s device without host synchronisation."""
+    t = torch.floor(x.float().reshape(-1) * (bins / 2) / range.float())
+    idx = torch.clamp(t, -bins / 2, bins / 2).long() + bins // 2
+    idx = idx.clamp_(0, bins - 1)
+    return torch.zeros(bins, dtype=torch.int64, device=x.device).index_add_(0, idx, torch.ones_like(idx))
+
+
 def reference_fit_scale(values: Tensor, counts: Tensor | None, scale: Tensor, qmin: int, qmax: int) -> Tensor:
     """``[R]``: the least-squares scale ``sum(c v k) / sum(c k^2)`` of each row's codes
     ``k = clamp(round(v / scale), qmin, qmax)`` (the old scale where all codes are 0)."""
@@ -208,7 +220,8 @@ for _name, _fn in (("fake_quant", reference_fake_quant), ("fake_quant_backward",
                    ("fake_quant_lsq_backward", reference_fake_quant_lsq_backward),
                    ("fake_quant_lut", reference_fake_quant_lut),
                    ("fake_quant_lut_backward", reference_fake_quant_lut_backward),
-                   ("quant_error", reference_quant_error), ("fit_scale", reference_fit_scale)):
+                   ("quant_error", reference_quant_error), ("fit_scale", reference_fit_scale),
+                   ("histogram", reference_histogram)):
     _LIB.impl(_name, _fn, "CompositeExplicitAutograd")
 
 
@@ -238,6 +251,11 @@ def _(x, centers, scale, axis):
 @torch.library.register_fake("mct_fx::fake_quant_lut_backward")
 def _(grad, x, centers, scale, axis):
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("mct_fx::histogram")
+def _(x, range, bins):  # noqa: A002
+    return x.new_empty((bins,), dtype=torch.int64)
 
 
 @torch.library.register_fake("mct_fx::fit_scale")
@@ -312,6 +330,12 @@ def quant_error(values: Tensor, counts: Tensor | None, scale: Tensor, zero_point
     """Error of every candidate grid on every row, ``[R, K]`` (see :func:`reference_quant_error`);
     the fused CPU kernel evaluates it in one pass per row and candidate."""
     return torch.ops.mct_fx.quant_error(values, counts, scale, zero_point, qmin, qmax, float(p))
+
+
+def histogram(x: Tensor, range: Tensor, bins: int) -> Tensor:  # noqa: A002
+    """Counts of ``x`` in ``bins`` equal bins over ``[-range, range]`` (see :func:`reference_histogram`);
+    the CPU kernel bins in parallel (``torch.histc`` is single-threaded and ~10x slower)."""
+    return torch.ops.mct_fx.histogram(x, range, bins)
 
 
 def fit_scale(values: Tensor, counts: Tensor | None, scale: Tensor, qmin: int, qmax: int) -> Tensor:

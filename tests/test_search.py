@@ -84,14 +84,18 @@ def test_histogram_range_doubling_is_exact():
     assert float(h1.min) == float(torch.cat([a, b]).min()) and float(h1.max) == float(torch.cat([a, b]).max())
 
 
-def test_histogram_device_path_matches_cpu_path():
-    from mct_fx.quantizers.histogram import _bin_counts, _bin_counts_indexed
+def test_histogram_kernel_matches_reference():
+    """The parallel CPU binning equals the reference bin for bin, edges and +-inf included."""
+    from mct_fx import kernels
 
-    x = torch.randn(5000) * 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(300_000, generator=g) * 3, torch.arange(-16, 16.5, 0.5),
+                   torch.tensor([16.0, -16.0, float("inf"), -float("inf")])])
     r = torch.tensor(16.0)
-    cpu, indexed = _bin_counts(x, r, 512), _bin_counts_indexed(x, r, 512)
-    assert int(cpu.sum()) == int(indexed.sum()) == 5000
-    assert (cpu - indexed).abs().sum() <= 10  # the two binning rules may differ only at exact bin edges
+    for bins in (2, 512, 8192):
+        got, want = kernels.histogram(x, r, bins), kernels.reference_histogram(x, r, bins)
+        assert got.dtype == torch.int64 and int(got.sum()) == x.numel()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_activation_quantizer_signedness_and_state():

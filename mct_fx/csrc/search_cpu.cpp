@@ -1,5 +1,5 @@
-// Grid-search kernels for CPU: mct_fx::quant_error and mct_fx::fit_scale (schemas in
-// mct_fx/kernels.py).  For every row r and candidate k it sums, over the row's values,
+// Calibration statistics and grid-search kernels for CPU: mct_fx::histogram,
+// mct_fx::quant_error and mct_fx::fit_scale (schemas in mct_fx/kernels.py).  For every row r and candidate k it sums, over the row's values,
 //   c[n] * |(clamp(nearbyint(v[n] / s[r,k]) + z[r,k], qmin, qmax) - z[r,k]) * s[r,k] - v[n]|^p
 // in one pass that never materialises the [R, K, N] quantized tensor the pure-torch
 // reference builds.  A row (a channel's weights, or a histogram) stays in cache while
@@ -13,7 +13,9 @@
 #include "layout.h"
 
 #include <cmath>
+#include <algorithm>
 #include <optional>
+#include <vector>
 
 namespace {
 
@@ -171,9 +173,54 @@ at::Tensor fit_scale_cpu(const at::Tensor& values, const std::optional<at::Tenso
   return out;
 }
 
+// Bin index exactly as the reference computes it: floor(x * (bins / 2) / r) + bins / 2, clamped
+// (NaN: skipped).  Indices are computed a block at a time in a vectorisable loop, then counted.
+MCT_FX_CLONES void histogram_run(const float* __restrict__ x, int64_t n, float half_bins, float r, int64_t bins,
+                                 int64_t* __restrict__ counts) {
+  constexpr int64_t kBlock = 256;
+  int32_t idx[kBlock];
+  const float top = static_cast<float>(bins - 1);
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    for (int64_t i = 0; i < m; ++i) {
+      float t = std::floor(x[b + i] * half_bins / r) + half_bins;
+      t = t < 0.f ? 0.f : (t > top ? top : t);
+      idx[i] = t == t ? static_cast<int32_t>(t) : -1;  // NaN compares unequal
+    }
+    for (int64_t i = 0; i < m; ++i)
+      if (idx[i] >= 0) counts[idx[i]] += 1;
+  }
+}
+
+at::Tensor histogram_cpu(const at::Tensor& x, const at::Tensor& range, int64_t bins) {
+  TORCH_CHECK(bins >= 2 && bins % 2 == 0, "histogram: bins must be even and >= 2, got ", bins);
+  TORCH_CHECK(range.numel() == 1, "histogram: range must be a scalar");
+  auto v = x.to(at::kFloat).contiguous().reshape({-1});
+  const float r = range.to(at::kFloat).item<float>();
+  const int64_t n = v.numel();
+  const float* vp = v.data_ptr<float>();
+  const float half = static_cast<float>(bins / 2);
+  const int64_t grain = 1 << 16;
+  const int64_t chunks = std::max<int64_t>(1, (n + grain - 1) / grain);
+  const int64_t parts = std::min<int64_t>(chunks, at::get_num_threads());
+  std::vector<std::vector<int64_t>> local(parts, std::vector<int64_t>(bins, 0));
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t part = b; part < e; ++part) {
+      const int64_t lo = n * part / parts, hi = n * (part + 1) / parts;
+      histogram_run(vp + lo, hi - lo, half, r, bins, local[part].data());
+    }
+  });
+  auto out = at::zeros({bins}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  for (const auto& c : local)
+    for (int64_t i = 0; i < bins; ++i) op[i] += c[i];
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mct_fx, CPU, m) {
+  m.impl("histogram", &histogram_cpu);
   m.impl("quant_error", &quant_error_cpu);
   m.impl("fit_scale", &fit_scale_cpu);
 }

@@ -7,7 +7,7 @@ exactly, so the result does not depend on batch order except through the
 final range.  Updates are pure tensor ops: no host synchronisation per batch.
 Exact minimum and maximum are tracked beside it.
 
-Large activations are binned from a strided sample of at most ``max_samples``
+Large activations are binned from a strided sample of at most ``max_samples`` (2^18)
 values per update (the minimum and maximum still see every value): binning is
 the one pass over the data that a CPU cannot parallelise, and a few million
 values per batch and tensor fix the threshold search as well as all of them.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mct_fx.kernels import histogram
 from mct_fx.quantizers.params import MIN_THRESHOLD
 
 __all__ = ["StreamingHistogram"]
@@ -28,7 +29,7 @@ __all__ = ["StreamingHistogram"]
 class StreamingHistogram:
     """Histogram of every value seen by :meth:`update`."""
 
-    def __init__(self, bins_per_side: int = 4096, max_samples: int = 2**21):
+    def __init__(self, bins_per_side: int = 4096, max_samples: int = 2**18):
         self.bins_per_side = bins_per_side
         self.max_samples = max_samples
         self.counts: Tensor | None = None  # int64 [2 * bins_per_side]
@@ -90,18 +91,5 @@ def _sample(x: Tensor, max_samples: int, offset: int) -> Tensor:
 
 
 def _bin_counts(x: Tensor, r: Tensor, bins: int) -> Tensor:
-    """Counts of ``x`` (all within ``[-r, r]``) in ``bins`` equal bins over ``[-r, r]``.
-
-    On CPU ``torch.histc`` is one pass (3-4x faster than building indices) and
-    reading ``r`` costs nothing; elsewhere indices are built on the device so
-    no synchronisation is needed.
-    """
-    if x.device.type == "cpu":
-        rr = float(r)
-        return torch.histc(x, bins, -rr, rr).long()
-    return _bin_counts_indexed(x, r, bins)
-
-
-def _bin_counts_indexed(x: Tensor, r: Tensor, bins: int) -> Tensor:
-    idx = torch.clamp(torch.floor(x * (bins / 2) / r) + bins // 2, 0, bins - 1).long()
-    return torch.zeros(bins, dtype=torch.int64, device=x.device).index_add_(0, idx, torch.ones_like(idx))
+    """Counts of ``x`` (all within ``[-r, r]``) in ``bins`` equal bins over ``[-r, r]``."""
+    return histogram(x, r, bins)
