@@ -167,13 +167,13 @@ def _sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 
 def _quality(logits: dict, float_logits: dict, labels: dict) -> dict:
+    """Per evaluation set: top-1 accuracy (labelled sets), top-1 agreement with float and logit SQNR."""
     q = {}
     for name, lg in logits.items():
         if name in labels:
             q[f"{name}_accuracy"] = float((lg.argmax(1) == labels[name]).float().mean()) * 100
-        else:
-            q[f"{name}_agreement"] = float((lg.argmax(1) == float_logits[name].argmax(1)).float().mean()) * 100
-            q[f"{name}_sqnr_db"] = _sqnr_db(float_logits[name], lg)
+        q[f"{name}_agreement"] = float((lg.argmax(1) == float_logits[name].argmax(1)).float().mean()) * 100
+        q[f"{name}_sqnr_db"] = _sqnr_db(float_logits[name], lg) if lg is not float_logits[name] else float("inf")
     return q
 
 
@@ -230,22 +230,27 @@ def _headline(result: dict) -> tuple[str, str]:
     return "test_accuracy", "accuracy %"
 
 
+def _evaluation_set(result: dict) -> str:
+    return "crops" if result["model"] == "mobilenet_v2" else "test"
+
+
 def table(result: dict) -> str:
     key, label = _headline(result)
+    ev = _evaluation_set(result)
     ref = result["float"].get(key, 100.0)
     mct = result["methods"].get("MCT PTQ", {})
     extra = result["model"] == "mobilenet_v2"
-    head = ["method", "bits", label, "drop vs float"]
-    head += ["logit SQNR dB", "foolbox top-1 %"] if extra else []
+    head = ["method", "bits", label, "drop vs float", "logit SQNR dB"]
+    head += ["foolbox top-1 %"] if extra else ["top-1 agreement %"]
     head += ["quantize s", "peak RSS MB", "time / MCT", "memory / MCT"]
-    rows = [head, ["float", "32", f"{ref:.2f}", ""] + ([
-        "", f"{result['float']['foolbox_accuracy']:.0f}"] if extra else []) + ["", "", "", ""]]
+    rows = [head, ["float", "32", f"{ref:.2f}", "", "",
+                   f"{result['float']['foolbox_accuracy']:.0f}" if extra else "", "", "", "", ""]]
     for name, m in result["methods"].items():
         if "error" in m:
             rows.append([name, "", f"failed: {m['error'][:80]}"] + [""] * (len(head) - 3))
             continue
-        row = [name, m["bits"], f"{m[key]:.2f}", f"{ref - m[key]:+.2f}"]
-        row += [f"{m['crops_sqnr_db']:.2f}", f"{m['foolbox_accuracy']:.0f}"] if extra else []
+        row = [name, m["bits"], f"{m[key]:.2f}", f"{ref - m[key]:+.2f}", f"{m[ev + '_sqnr_db']:.2f}"]
+        row += [f"{m['foolbox_accuracy']:.0f}"] if extra else [f"{m['test_agreement']:.2f}"]
         row += [f"{m['seconds']:.1f}", f"{m['peak_rss_mb']:.0f}"]
         if "seconds" in mct and name != "MCT PTQ":
             row += [f"{m['seconds'] / mct['seconds']:.2f}", f"{m['peak_rss_mb'] / mct['peak_rss_mb']:.2f}"]
