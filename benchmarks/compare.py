@@ -162,18 +162,16 @@ def _mobilenet_job(n_calib: int) -> tuple[dict, dict, dict]:
     return spec, {"calib": calib, "eval": {"crops": crops, "foolbox": samples}}, {"foolbox": labels}
 
 
-def _sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean().clamp_min(1e-30)))
-
-
 def _quality(logits: dict, float_logits: dict, labels: dict) -> dict:
     """Per evaluation set: top-1 accuracy (labelled sets), top-1 agreement with float and logit SQNR."""
+    import zoo
+
     q = {}
     for name, lg in logits.items():
         if name in labels:
             q[f"{name}_accuracy"] = float((lg.argmax(1) == labels[name]).float().mean()) * 100
         q[f"{name}_agreement"] = float((lg.argmax(1) == float_logits[name].argmax(1)).float().mean()) * 100
-        q[f"{name}_sqnr_db"] = _sqnr_db(float_logits[name], lg) if lg is not float_logits[name] else float("inf")
+        q[f"{name}_sqnr_db"] = zoo.sqnr_db(float_logits[name], lg)
     return q
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from mct_fx.graph_utils import attr_value
-from mct_fx.kernels import dequantize
+from mct_fx.kernels import dequantize, fake_quant
 from mct_fx.kernels import quantize as quantize_codes
 from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
 
@@ -104,7 +104,7 @@ class _QDQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, grid: _Grid) -> Tensor:  # noqa: ARG004
-        return torch.ops.mct_fx.fake_quant(x, grid.scale, grid.zero_point, grid.qmin, grid.qmax, grid.axis)
+        return fake_quant(x, grid.scale, grid.zero_point, grid.qmin, grid.qmax, grid.axis)
 
     @staticmethod
     def symbolic(g, x, grid: _Grid):
@@ -163,12 +163,11 @@ class _QDQModule(nn.Module):
 
 
 class _DequantizeModule(nn.Module):
-    def __init__(self, q: WeightQuantizer, weight: Tensor, where: str, codes: torch.dtype):
+    def __init__(self, q: WeightQuantizer, weight: Tensor, where: str, code_dtype: torch.dtype):
         super().__init__()
-        self.grid = _grid(q, where, codes)
-        g = self.grid
-        codes = quantize_codes(weight.detach(), g.scale, g.zero_point, g.qmin, g.qmax, g.axis)
-        self.register_buffer("codes", codes.to(g.dtype))
+        g = self.grid = _grid(q, where, code_dtype)
+        self.register_buffer("codes", quantize_codes(weight.detach(), g.scale, g.zero_point, g.qmin, g.qmax,
+                                                     g.axis).to(g.dtype))
 
     def forward(self) -> Tensor:
         return _Dequantize.apply(self.codes, self.grid)
@@ -187,7 +186,6 @@ def _onnx_ready(qmodel: fx.GraphModule, weight_codes: torch.dtype) -> tuple[fx.G
     """A copy of ``qmodel`` whose quantizers export as QDQ; whether it needs 16-bit types; the step
     of each quantizer that is exported as QuantizeLinear (by node name)."""
     gm = copy.deepcopy(qmodel)
-    needs_16 = False
     steps: dict[str, float] = {}
     for node in list(gm.graph.nodes):
         q = gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -211,9 +209,8 @@ def _onnx_ready(qmodel: fx.GraphModule, weight_codes: torch.dtype) -> tuple[fx.G
         else:
             replacement = _QDQModule(q, where)
             steps[node.name] = float(q.scale.max())
-        if replacement is not None and getattr(replacement, "grid", None) is not None:
-            needs_16 |= replacement.grid.dtype == torch.int16
         _swap(gm, node, replacement)
+    needs_16 = any(m.grid.dtype == torch.int16 for m in gm.modules() if isinstance(m, _QDQModule | _DequantizeModule))
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
@@ -225,12 +222,11 @@ def _swap(gm: fx.GraphModule, node: fx.Node, replacement: nn.Module | None) -> N
     """Replace the quantizer call ``node`` by ``replacement`` (None: by its input)."""
     if replacement is None:
         node.replace_all_uses_with(node.args[0])
-    else:
-        gm.add_submodule(node.target, replacement)
-        if not isinstance(replacement, _QDQModule):
-            node.args = ()  # reads its own constant
-    if replacement is None:
         gm.graph.erase_node(node)
+        return
+    gm.add_submodule(node.target, replacement)
+    if not isinstance(replacement, _QDQModule):
+        node.args = ()  # reads its own constant
 
 
 def _output_step(gm: fx.GraphModule, steps: dict[str, float]) -> float | None:
@@ -241,13 +237,17 @@ def _output_step(gm: fx.GraphModule, steps: dict[str, float]) -> float | None:
 
 
 def _float_outputs(qmodel: fx.GraphModule, inputs: tuple[Tensor, ...]) -> list[Tensor]:
-    """The outputs with every quantizer off (the float model, BN folded)."""
-    gm = copy.deepcopy(qmodel)
-    for m in gm.modules():
-        if isinstance(m, FakeQuantizer):
-            m.mode = "off"
-    with torch.no_grad():
-        return [t.float() for t in torch.utils._pytree.tree_leaves(gm(*inputs))]
+    """The outputs with every quantizer off (the float model, BN folded); the modes are restored."""
+    quantizers = [m for m in qmodel.modules() if isinstance(m, FakeQuantizer)]
+    modes = [q.mode for q in quantizers]
+    try:
+        for q in quantizers:
+            q.mode = "off"
+        with torch.no_grad():
+            return [t.float() for t in torch.utils._pytree.tree_leaves(qmodel(*inputs))]
+    finally:
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.mode = mode
 
 
 def export_onnx(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, ...], path: str | os.PathLike,

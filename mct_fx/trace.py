@@ -157,11 +157,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[tuple, dict]) -> 
     """
     args, kwargs = example_inputs
     try:
-        _shape_prop(gm, _one_sample(args), _one_sample(kwargs))
+        return _shape_prop(gm, _one_sample(args), _one_sample(kwargs))
     except Exception:  # noqa: BLE001 - e.g. a batch-of-one squeeze: the full batch decides
         pass
-    else:
-        return
     try:
         _shape_prop(gm, args, kwargs)
     except Exception as e:  # noqa: BLE001 - rerun node by node to name the failing node
