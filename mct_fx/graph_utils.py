@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["attr_value", "model_device", "quantizer_nodes", "groups_of", "TRANSPOSED_CONVS"]
+__all__ = ["attr_value", "model_device", "quantizer_nodes", "groups_of", "TRANSPOSED_CONVS", "owned_param",
+           "set_param", "set_layer_bias", "param_source"]
 
 TRANSPOSED_CONVS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
@@ -47,3 +48,43 @@ def groups_of(layer: fx.Node) -> int:
     both keep it at ``args[6]``.
     """
     return int(layer.args[6]) if layer.target is not F.linear and len(layer.args) > 6 else 1
+
+
+def owned_param(node: object) -> bool:
+    """A ``get_attr`` node read by one node only: a pass may rewrite the tensor without side effects."""
+    return isinstance(node, fx.Node) and node.op == "get_attr" and len(node.users) == 1
+
+
+def set_param(gm: fx.GraphModule, qualname: str, value: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    """Store ``value`` as the parameter ``qualname`` (keeping ``like``'s ``requires_grad``)."""
+    owner_name, _, attr = qualname.rpartition(".")
+    requires_grad = like.requires_grad if like is not None else True
+    setattr(gm.get_submodule(owner_name), attr, nn.Parameter(value, requires_grad=requires_grad))
+
+
+def param_source(node: object) -> object:
+    """The ``get_attr`` node behind ``node``, reading through a quantizer (``call_module``) if there is one."""
+    if isinstance(node, fx.Node) and node.op == "call_module" and node.args:
+        return node.args[0]
+    return node
+
+
+def set_layer_bias(gm: fx.GraphModule, layer: fx.Node, value: torch.Tensor) -> None:
+    """Set the bias of a functional conv/linear ``layer``, creating the parameter when it has none.
+
+    A new bias goes next to the weight: ``<owner>.bias`` when free, else ``<weight>_bias``.
+    """
+    bias_node = param_source(layer.args[2]) if len(layer.args) > 2 else None
+    if bias_node is not None:
+        set_param(gm, bias_node.target, value.to(attr_value(gm, bias_node).dtype), attr_value(gm, bias_node))
+        return
+    w_node = param_source(layer.args[1])
+    w_name = w_node.target
+    owner_name, _, attr = w_name.rpartition(".")
+    name = f"{owner_name}.bias" if owner_name else "bias"
+    if attr != "weight" or getattr(gm.get_submodule(owner_name), "bias", None) is not None:
+        name = f"{w_name}_bias"
+    weight = attr_value(gm, w_node)
+    set_param(gm, name, value.to(weight.dtype), weight)
+    with gm.graph.inserting_before(layer):
+        layer.update_arg(2, gm.graph.get_attr(name))

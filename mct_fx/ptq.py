@@ -15,11 +15,16 @@ from mct_fx.data import CalibrationError, iter_batches, split_batch, to_device
 from mct_fx.graph_utils import model_device
 from mct_fx.passes.bias_correction import add_missing_biases, correct_biases
 from mct_fx.passes.calibrate import calibrate
+from mct_fx.passes.collapse_linear import collapse_linear_layers
+from mct_fx.passes.collapse_residual import collapse_residuals
 from mct_fx.passes.fold_bn import fold_batchnorm
 from mct_fx.passes.freeze import freeze_quantizers
 from mct_fx.passes.functionalize import functionalize_layers
 from mct_fx.passes.insert_quantizers import insert_quantizers
 from mct_fx.passes.layer_inputs import observe_layer_inputs, remove_observers
+from mct_fx.passes.relu_bound import bound_relus_to_power_of_two
+from mct_fx.passes.softmax_shift import shift_softmax_inputs
+from mct_fx.passes.unify_concat import unify_concat_grids
 from mct_fx.quant_summary import QuantSummary, summarize
 from mct_fx.tpc.builtin import get_tpc
 from mct_fx.tpc.matching import annotate, describe_target
@@ -42,16 +47,23 @@ def prepare(model: nn.Module, example_batch: Any, tpc: TPCLike = "imx500", confi
     quantized model's ``state_dict`` into the result reproduces that model.
     """
     target = get_tpc(tpc)
+    config = config or QuantConfig()
     inputs = split_batch(example_batch, 0)
     gm = trace(model, to_device(inputs, model_device(model)), leaf_modules=leaf_modules,
                concrete_args=concrete_args, inplace=inplace)
     functionalize_layers(gm)
     fold_batchnorm(gm)
+    if config.linear_collapsing:
+        collapse_linear_layers(gm)
+    if config.residual_collapsing:
+        collapse_residuals(gm)
     unknown = annotate(gm, target)
     for node in unknown:
         log.info("node %s (%s): op not in the vocabulary, left float", node.name, describe_target(node, gm))
+    if config.relu_bound_to_power_of_2:
+        bound_relus_to_power_of_two(gm)
     insert_quantizers(gm)
-    if (config or QuantConfig()).weights_bias_correction:
+    if config.weights_bias_correction:
         add_missing_biases(gm)
     gm.meta["mct_fx.tpc"] = target.name
     return gm
@@ -81,7 +93,11 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     n = calibrate(gm, itertools.chain([first], batches), verbose=verbose, total=total)
     input_means = {name: obs.mean() for name, obs in observers.items()}
     remove_observers(gm)
+    if config.softmax_shift:
+        shift_softmax_inputs(gm)
     freeze_quantizers(gm, config)
+    if config.concat_threshold_update:
+        unify_concat_grids(gm)
     if input_means:
         correct_biases(gm, input_means, config.weights_error_method, config.lp_norm)
     summary = summarize(gm)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, groups_of
+from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, groups_of, set_layer_bias
 from mct_fx.passes.layer_inputs import expand_to_weight, quantized_layers
 from mct_fx.quantizers.modules import WeightQuantizer
 from mct_fx.quantizers.search import ErrorMethod
@@ -31,16 +31,9 @@ def add_missing_biases(gm: fx.GraphModule) -> fx.GraphModule:
     for layer, qnode, _ in quantized_layers(gm):
         if len(layer.args) > 2 and layer.args[2] is not None:
             continue
-        weight_node = qnode.args[0]
-        weight = attr_value(gm, weight_node)
+        weight = attr_value(gm, qnode.args[0])
         channels = weight.shape[1] * groups_of(layer) if layer.target in TRANSPOSED_CONVS else weight.shape[0]
-        owner_name, _, attr = weight_node.target.rpartition(".")
-        owner = gm.get_submodule(owner_name)
-        name = "bias" if attr == "weight" and getattr(owner, "bias", None) is None else f"{attr}_corrected_bias"
-        setattr(owner, name, nn.Parameter(torch.zeros(channels, dtype=weight.dtype, device=weight.device)))
-        with gm.graph.inserting_before(layer):
-            bias_node = gm.graph.get_attr(f"{owner_name}.{name}" if owner_name else name)
-        layer.update_arg(2, bias_node)
+        set_layer_bias(gm, layer, torch.zeros(channels, dtype=weight.dtype, device=weight.device))
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -25,7 +25,8 @@ def freeze_quantizers(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule
         if q.observer.empty:
             raise RuntimeError(f"activation quantizer {node.target!r} saw no data: was calibration run?")
         ratio = config.shift_negative_ratio if node.target in shiftable else None
-        q.freeze(config.activation_error_method, config.lp_norm, shift_negative_ratio=ratio)
+        q.freeze(config.activation_error_method, config.lp_norm, shift_negative_ratio=ratio,
+                 z_threshold=config.z_threshold)
     for node, q in quantizer_nodes(gm, WeightQuantizer):
         if q.mode != "observe":
             continue

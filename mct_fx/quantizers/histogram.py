@@ -23,7 +23,7 @@ from torch import Tensor
 from mct_fx.kernels import histogram
 from mct_fx.quantizers.params import MIN_THRESHOLD
 
-__all__ = ["StreamingHistogram"]
+__all__ = ["StreamingHistogram", "z_score_filter"]
 
 
 class StreamingHistogram:
@@ -37,12 +37,15 @@ class StreamingHistogram:
         self.min: Tensor | None = None
         self.max: Tensor | None = None
         self.updates = 0
+        self.offset = 0.0  # added to every value seen (see :meth:`shift`)
 
     @property
     def empty(self) -> bool:
         return self.counts is None
 
     def update(self, x: Tensor) -> None:
+        if self.offset:
+            raise RuntimeError("a shifted histogram cannot take more data")
         x = x.detach().float().reshape(-1)
         if x.numel() == 0:
             return
@@ -63,13 +66,20 @@ class StreamingHistogram:
         self.counts += _bin_counts(_sample(x, self.max_samples, self.updates), self.range, 2 * n)
         self.updates += 1
 
+    def shift(self, offset: float) -> None:
+        """Account for a constant added to every value already seen (exact: the bins move with it)."""
+        if self.counts is None:
+            raise RuntimeError("histogram is empty: no data was observed")
+        self.offset += offset
+        self.min, self.max = self.min + offset, self.max + offset
+
     def centres_and_counts(self, trim: bool = True) -> tuple[Tensor, Tensor]:
         """Bin centres and counts (float32), trimmed to the non-empty span when ``trim``."""
         if self.counts is None:
             raise RuntimeError("histogram is empty: no data was observed")
         n = self.bins_per_side
         width = self.range / n
-        centres = (torch.arange(2 * n, device=self.counts.device) - n + 0.5) * width
+        centres = (torch.arange(2 * n, device=self.counts.device) - n + 0.5) * width + self.offset
         counts = self.counts.float()
         if trim:
             nz = torch.nonzero(self.counts).flatten()
@@ -77,6 +87,24 @@ class StreamingHistogram:
                 first, last = int(nz[0]), int(nz[-1]) + 1
                 centres, counts = centres[first:last], counts[first:last]
         return centres, counts
+
+
+def z_score_filter(centres: Tensor, counts: Tensor, lo: Tensor, hi: Tensor,
+                   z: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Drop the bins further than ``z`` standard deviations from the mean (outliers).
+
+    Returns the kept ``(centres, counts)`` and the range ``[lo, hi]`` narrowed to them,
+    so the grid search neither covers nor weighs values that calibration saw only rarely.
+    """
+    total = counts.sum()
+    mean = (centres * counts).sum() / total
+    std = torch.sqrt((counts * (centres - mean) ** 2).sum() / total)
+    keep = (centres - mean).abs() <= z * std
+    if not bool(keep.any()):
+        return centres, counts, lo, hi
+    centres, counts = centres[keep], counts[keep]
+    half_bin = (centres[1] - centres[0]) / 2 if centres.numel() > 1 else torch.zeros(())
+    return centres, counts, torch.maximum(lo, centres[0] - half_bin), torch.minimum(hi, centres[-1] + half_bin)
 
 
 _STRIDES = (1, 5, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97)

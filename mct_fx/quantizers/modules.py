@@ -11,13 +11,14 @@ quantize with the stored grid), ``off`` (pass through).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mct_fx.kernels import fake_quant
-from mct_fx.quantizers.histogram import StreamingHistogram
+from mct_fx.quantizers.histogram import StreamingHistogram, z_score_filter
 from mct_fx.quantizers.params import QuantMethod, int_range, shift_negative_params
 from mct_fx.quantizers.search import ErrorMethod, search_params
 
@@ -63,6 +64,13 @@ class FakeQuantizer(nn.Module):
         self.calibrated = True
         self.mode = "frozen"
 
+    def copy_grid(self, other: FakeQuantizer) -> None:
+        """Take ``other``'s grid (method, bits, signedness, scale, zero point) and freeze on it."""
+        if self.scale.shape != other.scale.shape:
+            raise ValueError(f"grid shapes differ: {tuple(self.scale.shape)} vs {tuple(other.scale.shape)}")
+        self.method, self.n_bits, self.signed = other.method, other.n_bits, other.signed
+        self._set_grid(other.scale, other.zero_point)
+
     def grid_range(self) -> tuple[Tensor, Tensor]:
         """Smallest and largest representable value (per channel for per-channel grids)."""
         return (self.qmin - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale
@@ -101,27 +109,32 @@ class ActivationQuantizer(FakeQuantizer):
         return x
 
     def freeze(self, error: ErrorMethod | str = ErrorMethod.MSE, p: float = 2.0,
-               shift_negative_ratio: float | None = None) -> None:
+               shift_negative_ratio: float | None = None, z_threshold: float = math.inf) -> None:
         """Choose the grid from the observed histogram and switch to ``frozen``.
 
-        ``shift_negative_ratio``: when the signedness is automatic, the grid is
-        symmetric and the negative tail is at most this fraction of the threshold,
-        use a shifted unsigned grid instead (see :func:`shift_negative_params`).
+        ``z_threshold``: ignore values more than this many standard deviations
+        from the mean (see :func:`z_score_filter`).  ``shift_negative_ratio``:
+        when the signedness is automatic, the grid is symmetric and the negative
+        tail is at most this fraction of the threshold, use a shifted unsigned
+        grid instead (see :func:`shift_negative_params`).
         """
         if self.observer.empty:
             raise RuntimeError("activation quantizer saw no data during calibration")
         obs = self.observer
+        centres, counts = obs.centres_and_counts()
+        lo, hi = obs.min, obs.max
+        if math.isfinite(z_threshold):
+            centres, counts, lo, hi = z_score_filter(centres, counts, lo, hi, z_threshold)
         auto_sign = self.signed is None
         if auto_sign:
-            self.signed = bool(obs.min < 0)
-        centres, counts = obs.centres_and_counts()
-        scale, zp = search_params(centres[None], counts[None], obs.min.reshape(1), obs.max.reshape(1),
+            self.signed = bool(lo < 0)
+        scale, zp = search_params(centres[None], counts[None], lo.reshape(1), hi.reshape(1),
                                   self.method, self.n_bits, bool(self.signed), error, p)
         if shift_negative_ratio is not None and auto_sign and self.signed and self.method.symmetric_grid:
             threshold = scale * 2 ** (self.n_bits - 1)
-            if float(-obs.min) <= shift_negative_ratio * float(threshold):
+            if float(-lo) <= shift_negative_ratio * float(threshold):
                 self.signed = False
-                scale, zp = shift_negative_params(threshold, obs.min, self.n_bits)
+                scale, zp = shift_negative_params(threshold, lo, self.n_bits)
         self._set_grid(scale, zp)
         self.observer = StreamingHistogram()
 

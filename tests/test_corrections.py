@@ -1,0 +1,175 @@
+"""Corrections around the threshold search: each keeps the float function and helps where it should."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import mct_fx
+from mct_fx.passes import fold_batchnorm, functionalize_layers
+from mct_fx.passes.relu_bound import POT_BOUND, bound_relus_to_power_of_two
+from mct_fx.quantizers.histogram import StreamingHistogram, z_score_filter
+from mct_fx.tpc import get_tpc
+from mct_fx.tpc.matching import annotate
+from mct_fx.trace import trace
+
+import zoo
+
+
+def _sqnr(model, qmodel, batches):
+    with torch.no_grad():
+        ref = torch.cat([model(b) for b in batches])
+        out = torch.cat([qmodel(b) for b in batches])
+    return 10 * math.log10(ref.pow(2).mean() / (out - ref).pow(2).mean())
+
+
+def _quantized_sqnr(model, calib, evaluation, tpc="imx500", **config):
+    qmodel = mct_fx.quantize(model, calib, tpc, mct_fx.QuantConfig(**config), verbose=False)
+    return _sqnr(model, qmodel, evaluation)
+
+
+class ReLU6Net(nn.Module):
+    """conv -> ReLU6 -> conv chains (module and functional ReLU6, a bounded Hardtanh, max-pooling between)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.c3 = nn.Conv2d(16, 16, 1)
+        self.c4 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c5 = nn.Conv2d(16, 8, 1)
+        self.act = nn.ReLU6()
+        with torch.no_grad():
+            for c in (self.c1, self.c2, self.c3, self.c4):
+                c.weight.mul_(3)
+
+    def forward(self, x):
+        y = self.act(self.c1(x))
+        y = F.relu6(self.c2(y))
+        y = self.c4(F.max_pool2d(F.hardtanh(self.c3(y), 0.0, 3.0), 2))  # through max-pooling
+        return self.c5(self.act(y))
+
+
+def _annotated(model, x, tpc="imx500"):
+    gm = trace(model, ((x,), {}))
+    functionalize_layers(gm)
+    fold_batchnorm(gm)
+    annotate(gm, get_tpc(tpc))
+    return gm
+
+
+def test_relu_bound_keeps_float_function_and_bounds_at_power_of_two():
+    torch.manual_seed(0)
+    model = ReLU6Net().eval()
+    x = torch.randn(4, 3, 16, 16)
+    gm = _annotated(model, x)
+    assert bound_relus_to_power_of_two(gm) == 4
+    bounds = [n.args[2] for n in gm.graph.nodes if n.target is F.hardtanh]
+    assert bounds == [POT_BOUND * 255 / 256] * 4
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-5)
+
+
+def test_relu_bound_improves_pot_activations():
+    torch.manual_seed(0)
+    model = ReLU6Net().eval()
+    calib = [torch.randn(16, 3, 16, 16) for _ in range(4)]
+    evaluation = [torch.randn(16, 3, 16, 16) for _ in range(2)]
+    off = _quantized_sqnr(model, calib, evaluation)
+    on = _quantized_sqnr(model, calib, evaluation, relu_bound_to_power_of_2=True)
+    assert on > off + 0.3, (on, off)
+    assert bound_relus_to_power_of_two(_annotated(model, calib[0], "int8")) == 0  # no power-of-two grid to fill
+
+
+def test_z_threshold_ignores_injected_outliers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    calib = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+    calib[1][3, :, 5, 5] = 300.0  # one corrupted pixel in one calibration image
+    evaluation = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    off = _quantized_sqnr(model, calib, evaluation)
+    on = _quantized_sqnr(model, calib, evaluation, z_threshold=8.0)
+    assert on > off + 5.0, (on, off)
+
+
+def test_z_score_filter_narrows_the_range():
+    h = StreamingHistogram()
+    h.update(torch.cat([torch.randn(10000), torch.tensor([50.0])]))
+    centres, counts = h.centres_and_counts()
+    c, n, lo, hi = z_score_filter(centres, counts, h.min, h.max, 6.0)
+    assert float(hi) < 10 and float(lo) == float(h.min) and n.sum() == counts.sum() - 1
+    assert c.numel() == n.numel()
+
+
+class SoftmaxHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+        with torch.no_grad():
+            self.fc.bias.fill_(12.0)  # logits far from zero: a symmetric grid wastes its negative half
+
+    def forward(self, x):
+        return torch.softmax(self.fc(F.relu(self.conv(x)).mean((2, 3))), dim=-1)
+
+
+def test_softmax_shift_recentres_logits():
+    torch.manual_seed(0)
+    model = SoftmaxHead().eval()
+    calib = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+    evaluation = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    qmodel = mct_fx.quantize(model, calib, "imx500", mct_fx.QuantConfig(softmax_shift=True), verbose=False)
+    assert float(qmodel.fc.bias.detach().mean()) < 6.0  # the bias moved down
+    on = _sqnr(model, qmodel, evaluation)
+    off = _quantized_sqnr(model, calib, evaluation)
+    assert on > off + 10.0, (on, off)
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        with torch.no_grad():
+            self.b.weight.mul_(8)  # very different ranges on the two branches
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+def test_concat_inputs_share_the_concat_grid():
+    torch.manual_seed(0)
+    model = Branches().eval()
+    calib = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    plain = mct_fx.quantize(model, calib, "imx500", verbose=False)
+    assert float(plain.a_act_quant.scale) != float(plain.b_act_quant.scale)
+    qmodel = mct_fx.quantize(model, calib, "imx500", mct_fx.QuantConfig(concat_threshold_update=True),
+                             verbose=False)
+    out_q = qmodel.cat_act_quant
+    for q in (qmodel.a_act_quant, qmodel.b_act_quant):
+        assert torch.equal(q.scale, out_q.scale) and torch.equal(q.zero_point, out_q.zero_point)
+        assert (q.qmin, q.qmax) == (out_q.qmin, out_q.qmax)
+    x = calib[0]
+    both = torch.cat([qmodel.a_act_quant(model.a(x)), qmodel.b_act_quant(model.b(x))], 1)
+    assert torch.equal(out_q(both), both)  # the concat's own quantizer is now an identity
+
+
+@pytest.mark.parametrize("field,value", [("z_threshold", 0.0), ("shift_negative_ratio", 1.5)])
+def test_bad_config_values_are_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        mct_fx.QuantConfig(**{field: value})
+
+
+def test_relu_bound_on_mobilenet_v2_keeps_outputs():
+    model = torchvision.models.mobilenet_v2(weights=None)
+    zoo.reestimate_bn(model, 64)
+    x = zoo.images(2, 64, seed=1)
+    gm = _annotated(model, x)
+    assert bound_relus_to_power_of_two(gm) == 34  # 17 blocks x 2 (the first has one) + the stem; not the head
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-4, rtol=1e-4)
