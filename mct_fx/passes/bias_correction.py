@@ -13,7 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, fx
 
 from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, groups_of, set_layer_bias
 from mct_fx.passes.layer_inputs import expand_to_weight, quantized_layers

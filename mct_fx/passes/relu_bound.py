@@ -45,7 +45,7 @@ def _bound(node: fx.Node, gm: fx.GraphModule) -> float | None:
         m = gm.get_submodule(node.target)
         lo, hi = m.min_val, m.max_val
     else:
-        params = dict(zip(("input", "min_val", "max_val"), node.args)) | dict(node.kwargs)
+        params = dict(zip(("input", "min_val", "max_val"), node.args[:3], strict=False)) | dict(node.kwargs)
         lo, hi = params.get("min_val", -1.0), params.get("max_val", 1.0)
     return float(hi) if lo == 0 and hi > 0 else None
 
