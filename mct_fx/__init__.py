@@ -1,7 +1,7 @@
 """mct_fx: PyTorch-native model compression on torch.fx graphs."""
 
 from mct_fx import tpc
-from mct_fx.config import QuantConfig
+from mct_fx.config import LayerOverride, QuantConfig
 from mct_fx.data import CalibrationError
 from mct_fx.export import ExportError, ExportResult, export_onnx
 from mct_fx.kernels import backend
@@ -13,7 +13,8 @@ from mct_fx.trace import TraceError, trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "prepare", "summary", "trace", "QuantConfig", "ErrorMethod", "QuantMethod", "Signedness",
+    "quantize", "prepare", "summary", "trace", "QuantConfig", "LayerOverride", "ErrorMethod", "QuantMethod",
+    "Signedness",
     "ActivationQuantizer", "WeightQuantizer", "TargetPlatformCapabilities", "get_tpc", "load_tpc", "save_tpc",
     "TraceError", "CalibrationError", "TPCError", "backend", "tpc", "export_onnx", "ExportError", "ExportResult",
 ]

@@ -5,9 +5,51 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from mct_fx.quantizers.params import QuantMethod
 from mct_fx.quantizers.search import ErrorMethod
 
-__all__ = ["QuantConfig"]
+__all__ = ["QuantConfig", "LayerOverride"]
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Manual settings for the nodes it selects (see :mod:`mct_fx.passes.overrides`).
+
+    Selection: ``name`` matches a node name (``layer1_0_conv1``) or module path
+    (``layer1.0.conv1``), with ``fnmatch`` wildcards (``features.*``); ``op`` an
+    operator set (``"Conv"``, ``"Add"``, see :mod:`mct_fx.tpc.vocabulary`); both
+    given: both must match.  Settings left ``None`` keep the target's choice;
+    bit-widths must be among the target's candidates for the node.
+    """
+
+    name: str | None = None
+    op: str | None = None
+    activation_n_bits: int | None = None
+    weights_n_bits: int | None = None
+    activation_method: QuantMethod | None = None
+    activation_error_method: ErrorMethod | None = None
+    weights_error_method: ErrorMethod | None = None
+
+    def __post_init__(self):
+        if self.name is None and self.op is None:
+            raise ValueError("LayerOverride: give name= and/or op= to select nodes")
+        for field in ("activation_method", "activation_error_method", "weights_error_method"):
+            value = getattr(self, field)
+            if value is not None:
+                kind = QuantMethod if field == "activation_method" else ErrorMethod
+                try:
+                    object.__setattr__(self, field, kind(value))
+                except ValueError:
+                    raise ValueError(f"LayerOverride.{field}: unknown value {value!r}; "
+                                     f"expected one of {[m.value for m in kind]}") from None
+        for field in ("activation_n_bits", "weights_n_bits"):
+            bits = getattr(self, field)
+            if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16):
+                raise ValueError(f"LayerOverride.{field}: expected a bit-width in 2..16, got {bits!r}")
+
+    def describe(self) -> str:
+        sel = ", ".join(f"{k}={getattr(self, k)!r}" for k in ("name", "op") if getattr(self, k) is not None)
+        return f"LayerOverride({sel})"
 
 
 @dataclass(frozen=True)
@@ -31,6 +73,9 @@ class QuantConfig:
     than this many standard deviations from the mean (outliers; ``inf``: off);
     ``softmax_shift`` recentres the logits a softmax reads through the bias before
     it; ``concat_threshold_update`` puts a concat's inputs on the concat's grid.
+
+    ``overrides``: per-node bit-widths (e.g. 16-bit activations where the target
+    offers them), schemes and error methods, as :class:`LayerOverride` items.
     """
 
     activation_error_method: ErrorMethod = ErrorMethod.MSE
@@ -45,10 +90,15 @@ class QuantConfig:
     z_threshold: float = math.inf
     softmax_shift: bool = False
     concat_threshold_update: bool = False
+    overrides: tuple[LayerOverride, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "activation_error_method", ErrorMethod(self.activation_error_method))
         object.__setattr__(self, "weights_error_method", ErrorMethod(self.weights_error_method))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        for i, o in enumerate(self.overrides):
+            if not isinstance(o, LayerOverride):
+                raise TypeError(f"overrides[{i}]: expected a LayerOverride, got {type(o).__name__}")
         if not self.lp_norm > 0:
             raise ValueError(f"lp_norm must be > 0, got {self.lp_norm}")
         if not self.z_threshold > 0:

@@ -22,6 +22,7 @@ from mct_fx.passes.freeze import freeze_quantizers
 from mct_fx.passes.functionalize import functionalize_layers
 from mct_fx.passes.insert_quantizers import insert_quantizers
 from mct_fx.passes.layer_inputs import observe_layer_inputs, remove_observers
+from mct_fx.passes.overrides import apply_overrides
 from mct_fx.passes.relu_bound import bound_relus_to_power_of_two
 from mct_fx.passes.softmax_shift import shift_softmax_inputs
 from mct_fx.passes.unify_concat import unify_concat_grids
@@ -60,6 +61,7 @@ def prepare(model: nn.Module, example_batch: Any, tpc: TPCLike = "imx500", confi
     unknown = annotate(gm, target)
     for node in unknown:
         log.info("node %s (%s): op not in the vocabulary, left float", node.name, describe_target(node, gm))
+    apply_overrides(gm, config.overrides)
     if config.relu_bound_to_power_of_2:
         bound_relus_to_power_of_two(gm)
     insert_quantizers(gm)

@@ -8,7 +8,7 @@ node's output is quantized.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import fx
 
@@ -30,6 +30,8 @@ class Annotation:
     config: OpQuantConfig | None  # the chosen candidate (base unless mixed precision picked another)
     float_output: bool  # the node produces a floating-point tensor
     fused_into: str | None = None  # set on inner nodes of a fused group: the group's last node
+    # per-node error methods ("activation" / "weights" -> ErrorMethod) from manual overrides
+    error_methods: dict = field(default_factory=dict)
 
     @property
     def quantize_output(self) -> bool:
