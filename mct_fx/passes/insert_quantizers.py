@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from mct_fx.graph_utils import attr_value
+from mct_fx.quantizers.lut import LutActivationQuantizer, LutWeightQuantizer
 from mct_fx.quantizers.modules import ActivationQuantizer, WeightQuantizer
 from mct_fx.tpc.matching import annotation
 from mct_fx.tpc.schema import AttributeQuantConfig, Signedness
@@ -34,7 +35,8 @@ _CLIPS_NEGATIVES = ("ReLU", "ReLU6")
 
 def _weight_quantizer(cfg: AttributeQuantConfig, tensor, axis: int) -> WeightQuantizer:
     channels = tensor.shape[axis] if cfg.per_channel and tensor.dim() > 0 else None
-    return WeightQuantizer(cfg.method, cfg.n_bits, channels=channels, axis=axis)
+    cls = LutWeightQuantizer if cfg.method.is_lut else WeightQuantizer
+    return cls(cfg.method, cfg.n_bits, channels=channels, axis=axis)
 
 
 def _insert_weight_quantizer(gm: fx.GraphModule, node: fx.Node, index: int, suffix: str,
@@ -77,7 +79,8 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             signed = _SIGNED[cfg.signedness]
             if signed is None and _only_relu_users(node):
                 signed = False  # negatives become 0 downstream anyway: spend every code on the positive side
-            gm.add_submodule(name, ActivationQuantizer(cfg.activation_method, cfg.activation_n_bits, signed))
+            cls = LutActivationQuantizer if cfg.activation_method.is_lut else ActivationQuantizer
+            gm.add_submodule(name, cls(cfg.activation_method, cfg.activation_n_bits, signed))
             with gm.graph.inserting_after(node):
                 q = gm.graph.call_module(name, (node,))
             node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)

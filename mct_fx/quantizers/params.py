@@ -29,10 +29,15 @@ __all__ = [
     "uniform_params",
     "shift_negative_params",
     "MIN_THRESHOLD",
+    "LUT_VALUE_BITS",
+    "MAX_LUT_BITS",
 ]
 
 # Thresholds below this are treated as this (all-zero tensors/channels stay finite).
 MIN_THRESHOLD = 2.0**-24
+# Look-up-table entries are 8-bit integers (in threshold units): indices of up to 7 bits make sense.
+LUT_VALUE_BITS = 8
+MAX_LUT_BITS = LUT_VALUE_BITS - 1
 
 
 class QuantMethod(str, enum.Enum):
@@ -41,10 +46,18 @@ class QuantMethod(str, enum.Enum):
     POWER_OF_TWO = "power_of_two"
     SYMMETRIC = "symmetric"
     UNIFORM = "uniform"
+    # non-uniform: k-means centres times a power-of-two / symmetric threshold (see mct_fx.quantizers.lut)
+    LUT_POT = "lut_pot"
+    LUT_SYMMETRIC = "lut_symmetric"
 
     @property
     def symmetric_grid(self) -> bool:
-        return self is not QuantMethod.UNIFORM
+        """A uniform grid symmetric around zero (power-of-two or symmetric threshold)."""
+        return self in (QuantMethod.POWER_OF_TWO, QuantMethod.SYMMETRIC)
+
+    @property
+    def is_lut(self) -> bool:
+        return self in (QuantMethod.LUT_POT, QuantMethod.LUT_SYMMETRIC)
 
 
 def int_range(n_bits: int, signed: bool) -> tuple[int, int]:

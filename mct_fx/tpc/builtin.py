@@ -1,4 +1,4 @@
-"""Built-in targets, selectable by name: ``imx500``, ``imx500_16bit``, ``int8``, ``noquant``."""
+"""Built-in targets, selectable by name: ``imx500``, ``imx500_16bit``, ``imx500_lut``, ``int8``, ``noquant``."""
 
 from __future__ import annotations
 
@@ -36,13 +36,14 @@ _KERNEL_8 = AttributeQuantConfig(method=QuantMethod.SYMMETRIC, n_bits=8, per_cha
 
 
 def _build(name: str, activation: QuantMethod, weight_bits: tuple[int, ...], act16: bool,
-           simd: int | None) -> TargetPlatformCapabilities:
-    """The common shape of the built-in targets."""
+           simd: int | None, narrow_weights: QuantMethod = QuantMethod.SYMMETRIC) -> TargetPlatformCapabilities:
+    """The common shape of the built-in targets (``narrow_weights``: method of the < 8-bit kernels)."""
     default = OpQuantConfig(activation_method=activation, activation_n_bits=8, simd_size=simd,
                             supported_input_activation_n_bits=(8, 16) if act16 else (8,))
     linear_base = replace(default, kernel=_KERNEL_8)
     # Narrower weights pack more values per SIMD lane.
-    linear = [replace(linear_base, kernel=replace(_KERNEL_8, n_bits=b),
+    linear = [replace(linear_base, kernel=replace(_KERNEL_8, n_bits=b, method=narrow_weights if b < 8 else
+                                                  _KERNEL_8.method),
                       simd_size=None if simd is None else simd * 8 // b) for b in weight_bits]
     default_candidates = [default]
     if act16:
@@ -78,6 +79,12 @@ def imx500_16bit() -> TargetPlatformCapabilities:
     return _build("imx500_16bit", QuantMethod.POWER_OF_TWO, (8, 4, 2), act16=True, simd=32)
 
 
+def imx500_lut() -> TargetPlatformCapabilities:
+    """IMX500 whose 4- and 2-bit weight candidates are look-up tables (k-means, power-of-two threshold)."""
+    return _build("imx500_lut", QuantMethod.POWER_OF_TWO, (8, 4, 2), act16=False, simd=32,
+                  narrow_weights=QuantMethod.LUT_POT)
+
+
 def int8() -> TargetPlatformCapabilities:
     """Generic int8: symmetric per-channel weights, uniform (asymmetric) activations."""
     return _build("int8", QuantMethod.UNIFORM, (8,), act16=False, simd=None)
@@ -90,7 +97,7 @@ def noquant() -> TargetPlatformCapabilities:
 
 
 BUILTIN_TPCS: dict[str, Callable[[], TargetPlatformCapabilities]] = {
-    "imx500": imx500, "imx500_16bit": imx500_16bit, "int8": int8, "noquant": noquant,
+    "imx500": imx500, "imx500_16bit": imx500_16bit, "imx500_lut": imx500_lut, "int8": int8, "noquant": noquant,
 }
 
 

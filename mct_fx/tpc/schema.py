@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from mct_fx.quantizers.params import QuantMethod
+from mct_fx.quantizers.params import MAX_LUT_BITS, QuantMethod
 
 __all__ = [
     "TPCError",
@@ -56,6 +56,12 @@ class AttributeQuantConfig:
     def __post_init__(self):
         object.__setattr__(self, "method", QuantMethod(self.method))
         _check_bits("n_bits", self.n_bits)
+        _check_lut_bits("n_bits", self.method, self.n_bits)
+
+
+def _check_lut_bits(where: str, method: QuantMethod, n_bits: int) -> None:
+    if method.is_lut and n_bits > MAX_LUT_BITS:
+        raise TPCError(f"{where}: look-up-table methods take 2..{MAX_LUT_BITS} bits (an 8-bit table), got {n_bits}")
 
 
 _DISABLED = AttributeQuantConfig(enabled=False)
@@ -82,6 +88,7 @@ class OpQuantConfig:
         object.__setattr__(self, "supported_input_activation_n_bits",
                            tuple(self.supported_input_activation_n_bits))
         _check_bits("activation_n_bits", self.activation_n_bits)
+        _check_lut_bits("activation_n_bits", self.activation_method, self.activation_n_bits)
         if not self.supported_input_activation_n_bits:
             raise TPCError("supported_input_activation_n_bits: must list at least one bit-width")
         for i, b in enumerate(self.supported_input_activation_n_bits):
