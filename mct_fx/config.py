@@ -62,7 +62,9 @@ class QuantConfig:
     quantization causes back into the biases; ``shift_negative_correction``:
     activations with a small negative tail (SiLU, Hardswish, GELU, ...) feeding
     linear layers get a shifted unsigned grid when the tail is at most
-    ``shift_negative_ratio`` of the threshold.
+    ``shift_negative_ratio`` of the threshold; ``shift_negative_params_search``
+    searches that grid's threshold and shift together instead of keeping the
+    signed search's threshold.
 
     Graph rewrites before calibration (float function unchanged):
     ``linear_collapsing`` merges conv -> 1x1 conv, linear -> linear and layer -> + constant
@@ -84,6 +86,7 @@ class QuantConfig:
     weights_bias_correction: bool = True
     shift_negative_correction: bool = True
     shift_negative_ratio: float = 0.05
+    shift_negative_params_search: bool = False
     linear_collapsing: bool = True
     residual_collapsing: bool = True
     relu_bound_to_power_of_2: bool = False

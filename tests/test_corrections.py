@@ -173,3 +173,17 @@ def test_relu_bound_on_mobilenet_v2_keeps_outputs():
     assert bound_relus_to_power_of_two(gm) == 34  # 17 blocks x 2 (the first has one) + the stem; not the head
     with torch.no_grad():
         assert torch.allclose(gm(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_bias_correction_helps_at_4_bit_weights():
+    """The trained demo CNN at W4A8: cancelling the mean shift of the 4-bit kernels recovers SQNR."""
+    from mct_fx import demo
+    from mct_fx.tpc.derive import with_bits
+
+    model = demo.load_model()
+    calib, test, _ = demo.load_samples()
+    calib, test = list(calib[:128].split(32)), list(test[:256].split(64))
+    w4 = with_bits(get_tpc("imx500"), weights=4)
+    on = _quantized_sqnr(model, calib, test, w4)
+    off = _quantized_sqnr(model, calib, test, w4, weights_bias_correction=False)
+    assert on > off + 0.4, (on, off)

@@ -1,5 +1,6 @@
 """Shift-negative correction: the shifted grid, where it applies, and that it helps."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -64,6 +65,18 @@ class Consumers(nn.Module):
         b = self.act_mul(a) * a  # Hardswish -> mul: not absorbable
         c = self.up(self.act_up(b))  # GELU -> transposed conv: not absorbable
         return self.conv2(self.avg(self.act_avg(c)))  # SiLU -> padded avgpool -> conv: not absorbable
+
+
+@pytest.mark.parametrize("method", ["power_of_two", "symmetric"])
+def test_shift_search_is_no_worse_than_the_default_shift(method):
+    x = _silu_like()
+    default, searched = ActivationQuantizer(method, 8), ActivationQuantizer(method, 8)
+    default(x), searched(x)
+    default.freeze(shift_negative_ratio=0.05)
+    searched.freeze(shift_negative_ratio=0.05, shift_negative_search=True)
+    assert not searched.signed and float(searched.zero_point) > 0
+    err = {n: float((q(x) - x).pow(2).mean()) for n, q in (("default", default), ("searched", searched))}
+    assert err["searched"] <= err["default"] * 1.001, err
 
 
 def test_shiftable_quantizers_follow_the_consumers():

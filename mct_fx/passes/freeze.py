@@ -36,7 +36,7 @@ def freeze_quantizers(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule
         ratio = config.shift_negative_ratio if node.target in shiftable else None
         q.freeze(error_method(node, "activation", config.activation_error_method), config.lp_norm,
                  shift_negative_ratio=ratio,
-                 z_threshold=config.z_threshold)
+                 z_threshold=config.z_threshold, shift_negative_search=config.shift_negative_params_search)
     for node, q in quantizer_nodes(gm, WeightQuantizer):
         if q.mode != "observe":
             continue

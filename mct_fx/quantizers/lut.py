@@ -169,7 +169,8 @@ class LutActivationQuantizer(ActivationQuantizer):
         return x
 
     def freeze(self, error: ErrorMethod | str = ErrorMethod.MSE, p: float = 2.0,
-               shift_negative_ratio: float | None = None, z_threshold: float = float("inf")) -> None:
+               shift_negative_ratio: float | None = None, z_threshold: float = float("inf"),
+               shift_negative_search: bool = False) -> None:
         """Fit threshold and centres to the observed histogram (``error`` and shift-negative do not apply)."""
         if self.observer.empty:
             raise RuntimeError("activation quantizer saw no data during calibration")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from mct_fx.kernels import fake_quant
 from mct_fx.quantizers.histogram import StreamingHistogram, z_score_filter
 from mct_fx.quantizers.params import QuantMethod, int_range, shift_negative_params
-from mct_fx.quantizers.search import ErrorMethod, search_params
+from mct_fx.quantizers.search import ErrorMethod, search_params, search_shifted
 
 __all__ = ["FakeQuantizer", "ActivationQuantizer", "WeightQuantizer", "MODES"]
 
@@ -109,14 +109,16 @@ class ActivationQuantizer(FakeQuantizer):
         return x
 
     def freeze(self, error: ErrorMethod | str = ErrorMethod.MSE, p: float = 2.0,
-               shift_negative_ratio: float | None = None, z_threshold: float = math.inf) -> None:
+               shift_negative_ratio: float | None = None, z_threshold: float = math.inf,
+               shift_negative_search: bool = False) -> None:
         """Choose the grid from the observed histogram and switch to ``frozen``.
 
         ``z_threshold``: ignore values more than this many standard deviations
         from the mean (see :func:`z_score_filter`).  ``shift_negative_ratio``:
         when the signedness is automatic, the grid is symmetric and the negative
         tail is at most this fraction of the threshold, use a shifted unsigned
-        grid instead (see :func:`shift_negative_params`).
+        grid instead (see :func:`shift_negative_params`); ``shift_negative_search``:
+        search that grid's threshold and shift together (:func:`search_shifted`).
         """
         if self.observer.empty:
             raise RuntimeError("activation quantizer saw no data during calibration")
@@ -134,7 +136,11 @@ class ActivationQuantizer(FakeQuantizer):
             threshold = scale * 2 ** (self.n_bits - 1)
             if float(-lo) <= shift_negative_ratio * float(threshold):
                 self.signed = False
-                scale, zp = shift_negative_params(threshold, lo, self.n_bits)
+                if shift_negative_search:
+                    scale, zp = search_shifted(centres[None], counts[None], lo, hi, self.method, self.n_bits,
+                                               error, p)
+                else:
+                    scale, zp = shift_negative_params(threshold, lo, self.n_bits)
         self._set_grid(scale, zp)
         self.observer = StreamingHistogram()
 

@@ -37,7 +37,7 @@ from mct_fx.quantizers.params import (
     uniform_params,
 )
 
-__all__ = ["ErrorMethod", "search_params", "quant_error", "row_histograms"]
+__all__ = ["ErrorMethod", "search_params", "search_shifted", "quant_error", "row_histograms"]
 
 # Power-of-two candidates: t0 = 2**ceil(log2(max)), then 2*t0, t0/2, ..., t0/2**6.
 _POT_EXPONENTS = (0, 1, -1, -2, -3, -4, -5, -6)
@@ -55,6 +55,8 @@ _UNI_COARSE = torch.linspace(1.0, 1 / 16, 16)
 _UNI_FINE = torch.linspace(-1 / 16, 1 / 16, 9)
 _UNI_MAX_ALPHA = 1.1
 _KL_BINS = 2048
+_SHIFT_POT_EXPONENTS = (1, 0, -1, -2, -3, -4)
+_SHIFT_TAIL = (1.0, 0.75, 0.5, 0.25, 0.0)  # fraction of the negative tail the shift covers
 
 
 class ErrorMethod(str, enum.Enum):
@@ -234,3 +236,28 @@ def _search_uniform(values: Tensor, counts: Tensor | None, lo: Tensor, hi: Tenso
     ones = torch.ones(rows, 1, device=lo.device)
     scale, zp, _ = evaluate(torch.cat([ones, a], 1), torch.cat([ones, b], 1))
     return scale, zp
+
+
+def search_shifted(values: Tensor, counts: Tensor | None, lo: Tensor, hi: Tensor, method: QuantMethod,
+                   n_bits: int, error: ErrorMethod = ErrorMethod.MSE, p: float = 2.0) -> tuple[Tensor, Tensor]:
+    """Best shifted unsigned grid (scale, integer zero point) for one row with a negative minimum.
+
+    Shift-negative correction with parameter search: the threshold (a power of two
+    for ``POWER_OF_TWO``) and how much of the negative tail the shift covers are
+    searched together, by the same error as :func:`search_params`.
+    """
+    method, error = QuantMethod(method), ErrorMethod(error)
+    qmax = 2**n_bits - 1
+    span = torch.clamp((hi - torch.clamp(lo, max=0.0)).float().reshape(1), min=MIN_THRESHOLD)
+    if method is QuantMethod.POWER_OF_TWO:
+        factors = torch.exp2(torch.tensor(_SHIFT_POT_EXPONENTS, dtype=torch.float32, device=lo.device))
+        thresholds = pot_threshold(span) * factors
+    else:
+        thresholds = span * torch.linspace(_SYM_MAX_ALPHA, _SYM_RANGE[0], 48, device=lo.device)
+    scale = (thresholds / 2**n_bits)[:, None].expand(-1, len(_SHIFT_TAIL))
+    tail = torch.tensor(_SHIFT_TAIL, device=lo.device)[None, :]
+    zero_point = torch.clamp(torch.ceil(-torch.clamp(lo.float(), max=0.0) * tail / scale), 0, qmax)
+    scale, zero_point = scale.reshape(1, -1), zero_point.reshape(1, -1)
+    errors = quant_error(values, counts, scale, zero_point, 0, qmax, error, p)
+    s, z, _ = _best(errors, scale, zero_point)
+    return s, z
