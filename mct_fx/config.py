@@ -69,7 +69,9 @@ class QuantConfig:
     Graph rewrites before calibration (float function unchanged):
     ``linear_collapsing`` merges conv -> 1x1 conv, linear -> linear and layer -> + constant
     into one layer; ``residual_collapsing`` folds ``conv(x) + x`` into the kernel;
-    ``relu_bound_to_power_of_2`` rescales ``layer -> ReLU6 -> layer`` so the bound is 8.
+    ``relu_bound_to_power_of_2`` rescales ``layer -> ReLU6 -> layer`` so the bound is 8;
+    ``activation_channel_equalization`` balances channel ranges across
+    ``layer -> ReLU -> layer`` (statistics from the first calibration batch).
 
     Around the threshold search: ``z_threshold`` drops activation values further
     than this many standard deviations from the mean (outliers; ``inf``: off);
@@ -90,6 +92,7 @@ class QuantConfig:
     linear_collapsing: bool = True
     residual_collapsing: bool = True
     relu_bound_to_power_of_2: bool = False
+    activation_channel_equalization: bool = False
     z_threshold: float = math.inf
     softmax_shift: bool = False
     concat_threshold_update: bool = False

@@ -17,6 +17,7 @@ from mct_fx.passes.bias_correction import add_missing_biases, correct_biases
 from mct_fx.passes.calibrate import calibrate
 from mct_fx.passes.collapse_linear import collapse_linear_layers
 from mct_fx.passes.collapse_residual import collapse_residuals
+from mct_fx.passes.equalize_channels import equalize_channels
 from mct_fx.passes.fold_bn import fold_batchnorm
 from mct_fx.passes.freeze import freeze_quantizers
 from mct_fx.passes.functionalize import functionalize_layers
@@ -49,8 +50,8 @@ def prepare(model: nn.Module, example_batch: Any, tpc: TPCLike = "imx500", confi
     """
     target = get_tpc(tpc)
     config = config or QuantConfig()
-    inputs = split_batch(example_batch, 0)
-    gm = trace(model, to_device(inputs, model_device(model)), leaf_modules=leaf_modules,
+    inputs = to_device(split_batch(example_batch, 0), model_device(model))
+    gm = trace(model, inputs, leaf_modules=leaf_modules,
                concrete_args=concrete_args, inplace=inplace)
     functionalize_layers(gm)
     fold_batchnorm(gm)
@@ -58,6 +59,8 @@ def prepare(model: nn.Module, example_batch: Any, tpc: TPCLike = "imx500", confi
         collapse_linear_layers(gm)
     if config.residual_collapsing:
         collapse_residuals(gm)
+    if config.activation_channel_equalization:
+        equalize_channels(gm, inputs)
     unknown = annotate(gm, target)
     for node in unknown:
         log.info("node %s (%s): op not in the vocabulary, left float", node.name, describe_target(node, gm))

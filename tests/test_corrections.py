@@ -187,3 +187,61 @@ def test_bias_correction_helps_at_4_bit_weights():
     on = _quantized_sqnr(model, calib, test, w4)
     off = _quantized_sqnr(model, calib, test, w4, weights_bias_correction=False)
     assert on > off + 0.4, (on, off)
+
+
+class Unbalanced(nn.Module):
+    """conv -> ReLU -> depthwise conv -> ReLU -> conv and linear -> ReLU -> linear, where each layer's output
+    channels are scaled apart (30x) and the next layer scales them back: the float function of a balanced
+    network whose activations are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.c3 = nn.Conv2d(16, 16, 1)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 10)
+        with torch.no_grad():
+            for first, second in ((self.c1, self.c2), (self.c2, self.c3), (self.fc1, self.fc2)):
+                n = first.weight.shape[0]
+                spread = torch.logspace(-1.5, 0, n)[torch.randperm(n)]  # 30x: within the 32x cap
+                first.weight.mul_(spread.reshape((-1,) + (1,) * (first.weight.dim() - 1)))
+                first.bias.mul_(spread)
+                cols = spread.reshape(-1, 1, 1, 1) if second is self.c2 else spread.reshape(
+                    (1, -1) + (1,) * (second.weight.dim() - 2))
+                second.weight.div_(cols)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))  # into a depthwise conv: full equalization
+        y = F.leaky_relu(self.c3(torch.relu(y)), 0.1)  # into a dense 1x1 conv: balanced
+        return self.fc2(torch.relu(self.fc1(y.mean((2, 3)))))
+
+
+def test_channel_equalization_keeps_float_function_and_balances_ranges():
+    from mct_fx.passes.equalize_channels import equalize_channels
+
+    torch.manual_seed(0)
+    model = Unbalanced().eval()
+    x = torch.randn(8, 3, 16, 16)
+    gm = trace(model, ((x,), {}))
+    functionalize_layers(gm)
+    fold_batchnorm(gm)
+    with torch.no_grad():
+        a_before = torch.relu(F.conv2d(x, gm.c1.weight, gm.c1.bias, padding=1)).amax((0, 2, 3))
+    assert equalize_channels(gm, ((x,), {})) == 3  # c1 -> c2, c2 -> c3, fc1 -> fc2 (c3 -> mean is not a layer)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-5, rtol=1e-4)
+        a_after = torch.relu(F.conv2d(x, gm.c1.weight, gm.c1.bias, padding=1)).amax((0, 2, 3))
+    assert a_before.max() / a_before.min() > 10
+    assert a_after.max() / a_after.min() < 2  # depthwise consumer: every channel near the widest range
+    assert torch.isclose(a_after.max(), a_before.max())
+
+
+def test_channel_equalization_improves_w8a8():
+    torch.manual_seed(0)
+    model = Unbalanced().eval()
+    calib = [torch.randn(16, 3, 16, 16) for _ in range(4)]
+    evaluation = [torch.randn(16, 3, 16, 16) for _ in range(2)]
+    off = _quantized_sqnr(model, calib, evaluation)
+    on = _quantized_sqnr(model, calib, evaluation, activation_channel_equalization=True)
+    assert on > off + 3.0, (on, off)
