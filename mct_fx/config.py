@@ -62,7 +62,9 @@ class QuantConfig:
     quantization causes back into the biases; ``shift_negative_correction``:
     activations with a small negative tail (SiLU, Hardswish, GELU, ...) feeding
     linear layers get a shifted unsigned grid when the tail is at most
-    ``shift_negative_ratio`` of the threshold; ``shift_negative_params_search``
+    ``shift_negative_ratio`` of the threshold; ``weights_second_moment_correction``
+    gives each layer's output, with quantized weights, the float per-channel mean
+    and variance (measured on the first calibration batches); ``shift_negative_params_search``
     searches that grid's threshold and shift together instead of keeping the
     signed search's threshold.
 
@@ -86,6 +88,7 @@ class QuantConfig:
     weights_error_method: ErrorMethod = ErrorMethod.MSE
     lp_norm: float = 2.0
     weights_bias_correction: bool = True
+    weights_second_moment_correction: bool = False
     shift_negative_correction: bool = True
     shift_negative_ratio: float = 0.05
     shift_negative_params_search: bool = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import fx, nn
@@ -25,6 +25,7 @@ from mct_fx.passes.insert_quantizers import insert_quantizers
 from mct_fx.passes.layer_inputs import observe_layer_inputs, remove_observers
 from mct_fx.passes.overrides import apply_overrides
 from mct_fx.passes.relu_bound import bound_relus_to_power_of_two
+from mct_fx.passes.second_moment import correct_second_moments
 from mct_fx.passes.softmax_shift import shift_softmax_inputs
 from mct_fx.passes.unify_concat import unify_concat_grids
 from mct_fx.quant_summary import QuantSummary, summarize
@@ -37,6 +38,7 @@ __all__ = ["prepare", "quantize", "SUMMARY_KEY"]
 
 log = logging.getLogger("mct_fx")
 SUMMARY_KEY = "mct_fx.summary"
+SECOND_MOMENT_BATCHES = 4  # calibration batches the second-moment correction measures on
 TPCLike = str | os.PathLike | TargetPlatformCapabilities
 
 
@@ -68,8 +70,8 @@ def prepare(model: nn.Module, example_batch: Any, tpc: TPCLike = "imx500", confi
     if config.relu_bound_to_power_of_2:
         bound_relus_to_power_of_two(gm)
     insert_quantizers(gm)
-    if config.weights_bias_correction:
-        add_missing_biases(gm)
+    if config.weights_bias_correction or config.weights_second_moment_correction or config.softmax_shift:
+        add_missing_biases(gm)  # the corrections write biases: a prepared model has the same state_dict keys
     gm.meta["mct_fx.tpc"] = target.name
     return gm
 
@@ -93,9 +95,14 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     example = args[0] if args and not kwargs else kwargs
     gm = prepare(model, example, target, config, leaf_modules=leaf_modules, concrete_args=concrete_args,
                  inplace=inplace)
-    observers = observe_layer_inputs(gm) if config.weights_bias_correction else {}
+    bias_correction = config.weights_bias_correction and not config.weights_second_moment_correction
+    observers = observe_layer_inputs(gm) if bias_correction else {}
     total = n_batches or (len(calib_loader) if hasattr(calib_loader, "__len__") else None)
-    n = calibrate(gm, itertools.chain([first], batches), verbose=verbose, total=total)
+    retained: list = []  # the first batches, kept for the second-moment pass
+    stream = itertools.chain([first], batches)
+    if config.weights_second_moment_correction:
+        stream = _keep_first(stream, retained, SECOND_MOMENT_BATCHES)
+    n = calibrate(gm, stream, verbose=verbose, total=total)
     input_means = {name: obs.mean() for name, obs in observers.items()}
     remove_observers(gm)
     if config.softmax_shift:
@@ -103,12 +110,21 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     freeze_quantizers(gm, config)
     if config.concat_threshold_update:
         unify_concat_grids(gm)
-    if input_means:
+    if retained:  # matches each layer's output mean too: it replaces bias correction
+        correct_second_moments(gm, retained)
+    elif input_means:
         correct_biases(gm, input_means, config.weights_error_method, config.lp_norm)
     summary = summarize(gm)
     gm.meta[SUMMARY_KEY] = summary
     log.info("quantized with %s on %d calibration batches\n%s", gm.meta["mct_fx.tpc"], n, summary)
     return gm
+
+
+def _keep_first(items: Iterable, kept: list, n: int) -> Iterator:
+    for item in items:
+        if len(kept) < n:
+            kept.append(item)
+        yield item
 
 
 def summary(qmodel: fx.GraphModule) -> QuantSummary:

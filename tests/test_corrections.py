@@ -13,6 +13,7 @@ from mct_fx.passes import fold_batchnorm, functionalize_layers
 from mct_fx.passes.relu_bound import POT_BOUND, bound_relus_to_power_of_two
 from mct_fx.quantizers.histogram import StreamingHistogram, z_score_filter
 from mct_fx.tpc import get_tpc
+from mct_fx.tpc.derive import with_bits
 from mct_fx.tpc.matching import annotate
 from mct_fx.trace import trace
 
@@ -177,12 +178,7 @@ def test_relu_bound_on_mobilenet_v2_keeps_outputs():
 
 def test_bias_correction_helps_at_4_bit_weights():
     """The trained demo CNN at W4A8: cancelling the mean shift of the 4-bit kernels recovers SQNR."""
-    from mct_fx import demo
-    from mct_fx.tpc.derive import with_bits
-
-    model = demo.load_model()
-    calib, test, _ = demo.load_samples()
-    calib, test = list(calib[:128].split(32)), list(test[:256].split(64))
+    model, calib, test = _demo()
     w4 = with_bits(get_tpc("imx500"), weights=4)
     on = _quantized_sqnr(model, calib, test, w4)
     off = _quantized_sqnr(model, calib, test, w4, weights_bias_correction=False)
@@ -245,3 +241,55 @@ def test_channel_equalization_improves_w8a8():
     off = _quantized_sqnr(model, calib, evaluation)
     on = _quantized_sqnr(model, calib, evaluation, activation_channel_equalization=True)
     assert on > off + 3.0, (on, off)
+
+
+def _demo():
+    from mct_fx import demo
+
+    model = demo.load_model()
+    calib, test, _ = demo.load_samples()
+    return model, list(calib[:128].split(32)), list(test[:256].split(64))
+
+
+def test_second_moment_correction_matches_output_statistics():
+    """On the calibration batches it measured, conv3 with 4-bit weights has the float per-channel mean and std."""
+    model, calib, _ = _demo()
+    qmodel = mct_fx.quantize(model, calib, with_bits(get_tpc("imx500"), weights=4),
+                             mct_fx.QuantConfig(weights_second_moment_correction=True), verbose=False)
+    with torch.no_grad():
+        h = model.relu2(model.bn2(model.conv2(model.relu1(model.bn1(model.conv1(torch.cat(calib)))))))
+        yf = model.bn3(model.conv3(h))
+        yq = F.conv2d(h, qmodel.conv3_weight_quant(qmodel.conv3.weight), qmodel.conv3.bias, 1, 1)
+        plain = mct_fx.quantize(model, calib, with_bits(get_tpc("imx500"), weights=4), verbose=False)
+        yp = F.conv2d(h, plain.conv3_weight_quant(plain.conv3.weight), plain.conv3.bias, 1, 1)
+    std_f, std_q, std_p = (y.std((0, 2, 3)) for y in (yf, yq, yp))
+    assert torch.allclose(yq.mean((0, 2, 3)), yf.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(std_q, std_f, rtol=1e-3)
+    assert not torch.allclose(std_p, std_f, rtol=1e-2)  # without it the spread is off
+
+
+def test_second_moment_correction_beats_bias_correction_at_4_bits():
+    model, calib, test = _demo()
+    w4 = with_bits(get_tpc("imx500"), weights=4)
+    smc = _quantized_sqnr(model, calib, test, w4, weights_second_moment_correction=True)
+    bc = _quantized_sqnr(model, calib, test, w4)
+    assert smc > bc + 1.0, (smc, bc)
+
+
+ALL_ON = dict(relu_bound_to_power_of_2=True, activation_channel_equalization=True, z_threshold=12.0,
+              softmax_shift=True, concat_threshold_update=True, weights_second_moment_correction=True,
+              shift_negative_params_search=True)
+
+
+def test_everything_on_quantizes_and_round_trips():
+    model = torchvision.models.mobilenet_v2(weights=None)
+    zoo.reestimate_bn(model, 32)
+    model.eval()
+    calib = [zoo.images(4, 32, seed=s) for s in range(3)]
+    config = mct_fx.QuantConfig(**ALL_ON)
+    qmodel = mct_fx.quantize(model, calib, "imx500", config, verbose=False)
+    fresh = mct_fx.prepare(model, calib[0], "imx500", config)
+    fresh.load_state_dict(qmodel.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(calib[1]), qmodel(calib[1]))
+    assert _sqnr(model, qmodel, calib) > 3.0
