@@ -48,22 +48,33 @@ def _batches(x: torch.Tensor, size: int = 32) -> list[torch.Tensor]:
     return [x[i:i + size] for i in range(0, len(x), size)]
 
 
-def _mct_fx_ptq(model, calib):
+def _mct_fx_ptq(model, calib, weight_bits: int = 8):
     import mct_fx
+    from mct_fx.tpc.derive import with_bits
 
-    return mct_fx.quantize(model, _batches(calib), "imx500", verbose=False)
+    tpc = mct_fx.get_tpc("imx500") if weight_bits == 8 else with_bits(mct_fx.get_tpc("imx500"), weights=weight_bits)
+    return mct_fx.quantize(model, _batches(calib), tpc, verbose=False)
 
 
-def _mct_ptq(model, calib):
+def _mct_ptq(model, calib, weight_bits: int = 8):
     import model_compression_toolkit as mct
 
     tpc = mct.get_target_platform_capabilities(tpc_version="1.0", device_type="imx500")
+    core_config = None
+    if weight_bits != 8:  # every conv / linear kernel at weight_bits (MCT's manual bit-width selection)
+        from model_compression_toolkit.core.common.network_editors.node_filters import NodeTypeFilter
+
+        bwc = mct.core.BitWidthConfig()
+        layers = [NodeTypeFilter(t) for t in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)]
+        bwc.set_manual_weights_bit_width(layers, weight_bits, "weight")
+        core_config = mct.core.CoreConfig(bit_width_config=bwc)
 
     def gen():
         for b in _batches(calib):
             yield [b]
 
-    q, _ = mct.ptq.pytorch_post_training_quantization(model, gen, target_platform_capabilities=tpc)
+    kwargs = {"core_config": core_config} if core_config is not None else {}
+    q, _ = mct.ptq.pytorch_post_training_quantization(model, gen, target_platform_capabilities=tpc, **kwargs)
     return q
 
 
@@ -90,6 +101,8 @@ METHODS = {m.name: m for m in (
     Method("mct_fx PTQ", "W8A8", "ours", _mct_fx_ptq),
     Method("MCT PTQ", "W8A8", "mct", _mct_ptq),
     Method("torch.ao FX PTQ (x86)", "W8A8", "ours", _torch_ao_ptq),
+    Method("mct_fx PTQ W4A8", "W4A8", "ours", lambda model, calib: _mct_fx_ptq(model, calib, 4)),
+    Method("MCT PTQ W4A8", "W4A8", "mct", lambda model, calib: _mct_ptq(model, calib, 4)),
 )}
 
 
@@ -236,7 +249,6 @@ def table(result: dict) -> str:
     key, label = _headline(result)
     ev = _evaluation_set(result)
     ref = result["float"].get(key, 100.0)
-    mct = result["methods"].get("MCT PTQ", {})
     extra = result["model"] == "mobilenet_v2"
     head = ["method", "bits", label, "drop vs float", "logit SQNR dB"]
     head += ["foolbox top-1 %"] if extra else ["top-1 agreement %"]
@@ -250,7 +262,8 @@ def table(result: dict) -> str:
         row = [name, m["bits"], f"{m[key]:.2f}", f"{ref - m[key]:+.2f}", f"{m[ev + '_sqnr_db']:.2f}"]
         row += [f"{m['foolbox_accuracy']:.0f}"] if extra else [f"{m['test_agreement']:.2f}"]
         row += [f"{m['seconds']:.1f}", f"{m['peak_rss_mb']:.0f}"]
-        if "seconds" in mct and name != "MCT PTQ":
+        mct = result["methods"].get("MCT PTQ" + ("" if m["bits"] == "W8A8" else f" {m['bits']}"), {})
+        if "seconds" in mct and not name.startswith("MCT"):
             row += [f"{m['seconds'] / mct['seconds']:.2f}", f"{m['peak_rss_mb'] / mct['peak_rss_mb']:.2f}"]
         else:
             row += ["", ""]
@@ -288,6 +301,11 @@ def targets(result: dict) -> list[str]:
     if "seconds" in ao:
         check(ours["seconds"] <= 2 * ao["seconds"],
               f"time {ours['seconds']:.1f} s <= 2 x torch.ao's {ao['seconds']:.1f} s")
+    ours4, mct4 = result["methods"].get("mct_fx PTQ W4A8", {}), result["methods"].get("MCT PTQ W4A8", {})
+    if result["model"] == "mobilenet_v2" and key in ours4 and key in mct4:
+        check(ours4[key] >= mct4[key], f"W4A8 top-1 agreement {ours4[key]:.2f}% >= MCT's {mct4[key]:.2f}%")
+    if result["model"] != "mobilenet_v2":
+        check(drop <= 0.2, f"W8A8 accuracy drop {drop:.2f} <= 0.2 points (advanced-PTQ target)")
     return out
 
 
