@@ -74,15 +74,20 @@ def test_relu_bound_keeps_float_function_and_bounds_at_power_of_two():
         assert torch.allclose(gm(x), model(x), atol=1e-5)
 
 
-def test_relu_bound_improves_pot_activations():
+def _with_and_without(model_cls, **switch):
+    """W8A8 SQNR of a seeded ``model_cls`` on random images with ``switch`` on, and with the defaults."""
     torch.manual_seed(0)
-    model = ReLU6Net().eval()
+    model = model_cls().eval()
     calib = [torch.randn(16, 3, 16, 16) for _ in range(4)]
     evaluation = [torch.randn(16, 3, 16, 16) for _ in range(2)]
-    off = _quantized_sqnr(model, calib, evaluation)
-    on = _quantized_sqnr(model, calib, evaluation, relu_bound_to_power_of_2=True)
+    return _quantized_sqnr(model, calib, evaluation, **switch), _quantized_sqnr(model, calib, evaluation)
+
+
+def test_relu_bound_improves_pot_activations():
+    on, off = _with_and_without(ReLU6Net, relu_bound_to_power_of_2=True)
     assert on > off + 0.3, (on, off)
-    assert bound_relus_to_power_of_two(_annotated(model, calib[0], "int8")) == 0  # no power-of-two grid to fill
+    gm = _annotated(ReLU6Net().eval(), torch.randn(2, 3, 16, 16), "int8")
+    assert bound_relus_to_power_of_two(gm) == 0  # no power-of-two grid to fill
 
 
 def test_z_threshold_ignores_injected_outliers():
@@ -234,12 +239,7 @@ def test_channel_equalization_keeps_float_function_and_balances_ranges():
 
 
 def test_channel_equalization_improves_w8a8():
-    torch.manual_seed(0)
-    model = Unbalanced().eval()
-    calib = [torch.randn(16, 3, 16, 16) for _ in range(4)]
-    evaluation = [torch.randn(16, 3, 16, 16) for _ in range(2)]
-    off = _quantized_sqnr(model, calib, evaluation)
-    on = _quantized_sqnr(model, calib, evaluation, activation_channel_equalization=True)
+    on, off = _with_and_without(Unbalanced, activation_channel_equalization=True)
     assert on > off + 3.0, (on, off)
 
 
