@@ -65,7 +65,9 @@ def _mct_ptq(model, calib, weight_bits: int = 8):
         from model_compression_toolkit.core.common.network_editors.node_filters import NodeTypeFilter
 
         bwc = mct.core.BitWidthConfig()
-        layers = [NodeTypeFilter(t) for t in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)]
+        present = {type(m) for m in model.modules()}  # MCT rejects a filter that matches no node
+        layers = [NodeTypeFilter(t) for t in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)
+                  if t in present]
         bwc.set_manual_weights_bit_width(layers, weight_bits, "weight")
         core_config = mct.core.CoreConfig(bit_width_config=bwc)
 
