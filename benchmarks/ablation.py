@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -36,13 +37,12 @@ VARIANTS: dict[str, dict] = {
     "- linear & residual collapsing": {"linear_collapsing": False, "residual_collapsing": False},
     "+ second-moment correction": {"weights_second_moment_correction": True},
     "+ shift-negative param search": {"shift_negative_params_search": True},
-    "+ z-threshold 16": {"z_threshold": 16.0},
-    "+ ReLU bound to power of two": {"relu_bound_to_power_of_2": True},
+    "- z-threshold (inf)": {"z_threshold": math.inf},
+    "- ReLU bound to power of two": {"relu_bound_to_power_of_2": False},
     "+ activation channel equalization": {"activation_channel_equalization": True},
     "+ softmax shift": {"softmax_shift": True},
     "+ concat threshold unification": {"concat_threshold_update": True},
     "+ all of the above": {"weights_second_moment_correction": True, "shift_negative_params_search": True,
-                           "z_threshold": 16.0, "relu_bound_to_power_of_2": True,
                            "activation_channel_equalization": True, "softmax_shift": True},
 }
 TARGETS = {"W8A8": lambda: mct_fx.get_tpc("imx500"),

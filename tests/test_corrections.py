@@ -75,12 +75,15 @@ def test_relu_bound_keeps_float_function_and_bounds_at_power_of_two():
 
 
 def _with_and_without(model_cls, **switch):
-    """W8A8 SQNR of a seeded ``model_cls`` on random images with ``switch`` on, and with the defaults."""
+    """W8A8 SQNR of a seeded ``model_cls`` on random images with ``switch``, and without it."""
     torch.manual_seed(0)
     model = model_cls().eval()
     calib = [torch.randn(16, 3, 16, 16) for _ in range(4)]
     evaluation = [torch.randn(16, 3, 16, 16) for _ in range(2)]
-    return _quantized_sqnr(model, calib, evaluation, **switch), _quantized_sqnr(model, calib, evaluation)
+    off = {k: mct_fx.QuantConfig.__dataclass_fields__[k].default for k in switch}
+    if switch == off:  # a default-on switch: compare with it turned off
+        off = {k: not v if isinstance(v, bool) else math.inf for k, v in switch.items()}
+    return _quantized_sqnr(model, calib, evaluation, **switch), _quantized_sqnr(model, calib, evaluation, **off)
 
 
 def test_relu_bound_improves_pot_activations():
@@ -97,7 +100,7 @@ def test_z_threshold_ignores_injected_outliers():
     calib = [torch.randn(8, 3, 16, 16) for _ in range(4)]
     calib[1][3, :, 5, 5] = 300.0  # one corrupted pixel in one calibration image
     evaluation = [torch.randn(8, 3, 16, 16) for _ in range(2)]
-    off = _quantized_sqnr(model, calib, evaluation)
+    off = _quantized_sqnr(model, calib, evaluation, z_threshold=math.inf)
     on = _quantized_sqnr(model, calib, evaluation, z_threshold=8.0)
     assert on > off + 5.0, (on, off)
 
