@@ -58,10 +58,9 @@ def collapse_residuals(gm: fx.GraphModule) -> int:
             continue
         w = attr_value(gm, conv.args[1])
         new = w.detach().clone()
-        per_group = w.shape[1]
+        channels = torch.arange(w.shape[0], device=w.device)
         centre = tuple(k // 2 for k in w.shape[2:])
-        for c in range(w.shape[0]):
-            new[(c, c % per_group) + centre] += 1.0
+        new[(channels, channels % w.shape[1]) + centre] += 1.0  # each channel's own tap (inside its group)
         set_param(gm, conv.args[1].target, new, w)
         add.replace_all_uses_with(conv)
         gm.graph.erase_node(add)

@@ -146,7 +146,7 @@ class LutWeightQuantizer(WeightQuantizer):
         self._set_grid(threshold, torch.zeros_like(threshold))
 
     def grid_range(self) -> tuple[Tensor, Tensor]:
-        return self.centers.amin(1) * self.scale, self.centers.amax(1) * self.scale
+        return self.centers.amin(-1) * self.scale, self.centers.amax(-1) * self.scale
 
 
 class LutActivationQuantizer(ActivationQuantizer):
@@ -186,6 +186,5 @@ class LutActivationQuantizer(ActivationQuantizer):
         self._set_grid(threshold.reshape(()), torch.zeros(()))
         self.observer = StreamingHistogram()
 
-    def grid_range(self) -> tuple[Tensor, Tensor]:
-        return self.centers.min() * self.scale, self.centers.max() * self.scale
+    grid_range = LutWeightQuantizer.grid_range
 
