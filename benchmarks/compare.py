@@ -48,18 +48,38 @@ def _batches(x: torch.Tensor, size: int = 32) -> list[torch.Tensor]:
     return [x[i:i + size] for i in range(0, len(x), size)]
 
 
-def _mct_fx_ptq(model, calib, weight_bits: int = 8):
+def _mct_fx_ptq(model, job, weight_bits: int = 8):
     import mct_fx
     from mct_fx.tpc.derive import with_bits
 
     tpc = mct_fx.get_tpc("imx500") if weight_bits == 8 else with_bits(mct_fx.get_tpc("imx500"), weights=weight_bits)
-    return mct_fx.quantize(model, _batches(calib), tpc, verbose=False)
+    return mct_fx.quantize(model, _batches(job["calib"]), tpc, verbose=False)
 
 
-def _mct_ptq(model, calib, weight_bits: int = 8):
+def _mct_fx_mp(model, job, size_bits: int):
+    import mct_fx
+
+    budget = mct_fx.ResourceUtilization(weights_memory=job["budgets"][size_bits]["mct_fx"])
+    return mct_fx.quantize(model, _batches(job["calib"]), "imx500", target=budget, verbose=False)
+
+
+def _mct_tpc():
     import model_compression_toolkit as mct
 
-    tpc = mct.get_target_platform_capabilities(tpc_version="1.0", device_type="imx500")
+    return mct.get_target_platform_capabilities(tpc_version="1.0", device_type="imx500")
+
+
+def _mct_gen(calib):
+    def gen():
+        for b in _batches(calib):
+            yield [b]
+
+    return gen
+
+
+def _mct_ptq(model, job, weight_bits: int = 8):
+    import model_compression_toolkit as mct
+
     core_config = None
     if weight_bits != 8:  # every conv / linear kernel at weight_bits (MCT's manual bit-width selection)
         from model_compression_toolkit.core.common.network_editors.node_filters import NodeTypeFilter
@@ -70,20 +90,29 @@ def _mct_ptq(model, calib, weight_bits: int = 8):
                   if t in present]
         bwc.set_manual_weights_bit_width(layers, weight_bits, "weight")
         core_config = mct.core.CoreConfig(bit_width_config=bwc)
-
-    def gen():
-        for b in _batches(calib):
-            yield [b]
-
     kwargs = {"core_config": core_config} if core_config is not None else {}
-    q, _ = mct.ptq.pytorch_post_training_quantization(model, gen, target_platform_capabilities=tpc, **kwargs)
+    q, _ = mct.ptq.pytorch_post_training_quantization(model, _mct_gen(job["calib"]),
+                                                      target_platform_capabilities=_mct_tpc(), **kwargs)
     return q
 
 
-def _torch_ao_ptq(model, calib):
+def _mct_mp(model, job, size_bits: int):
+    import model_compression_toolkit as mct
+
+    ru = mct.core.ResourceUtilization(weights_memory=job["budgets"][size_bits]["mct"])
+    core_config = mct.core.CoreConfig(mixed_precision_config=mct.core.MixedPrecisionQuantizationConfig(
+        num_of_images=32))
+    q, _ = mct.ptq.pytorch_post_training_quantization(model, _mct_gen(job["calib"]), target_resource_utilization=ru,
+                                                      core_config=core_config,
+                                                      target_platform_capabilities=_mct_tpc())
+    return q
+
+
+def _torch_ao_ptq(model, job):
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    calib = job["calib"]
     prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), example_inputs=(calib[:1],))
     with torch.no_grad():
         for b in _batches(calib):
@@ -91,20 +120,38 @@ def _torch_ao_ptq(model, calib):
     return convert_fx(prepared)
 
 
+def weight_budgets(model: torch.nn.Module, example: torch.Tensor, size_bits: tuple[int, ...] = (4, 3)) -> dict:
+    """Weights budgets of the size of every Conv/Linear kernel at ``b`` bits, in each tool's own accounting.
+
+    MCT counts quantized kernels only; mct_fx counts every parameter (biases and
+    float layers at 32 bits): its budget is its 8-bit size less the kernel bytes saved.
+    """
+    import mct_fx
+
+    kernels = sum(m.weight.numel() for m in model.modules()
+                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)))
+    ours8 = mct_fx.resource_utilization(model, example).weights_memory
+    return {b: {"mct": kernels * b / 8, "mct_fx": ours8 - kernels * (8 - b) / 8} for b in size_bits}
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     bits: str
     peer: str  # which python runs it: "ours" (this venv) or "mct" (the MCT venv)
-    run: Callable  # (float model, calibration images) -> quantized callable
+    run: Callable  # (float model, job: calibration images and budgets) -> quantized callable
 
 
 METHODS = {m.name: m for m in (
     Method("mct_fx PTQ", "W8A8", "ours", _mct_fx_ptq),
     Method("MCT PTQ", "W8A8", "mct", _mct_ptq),
     Method("torch.ao FX PTQ (x86)", "W8A8", "ours", _torch_ao_ptq),
-    Method("mct_fx PTQ W4A8", "W4A8", "ours", lambda model, calib: _mct_fx_ptq(model, calib, 4)),
-    Method("MCT PTQ W4A8", "W4A8", "mct", lambda model, calib: _mct_ptq(model, calib, 4)),
+    Method("mct_fx PTQ W4A8", "W4A8", "ours", lambda model, job: _mct_fx_ptq(model, job, 4)),
+    Method("MCT PTQ W4A8", "W4A8", "mct", lambda model, job: _mct_ptq(model, job, 4)),
+    Method("mct_fx MP 4-bit size", "MP W8/4/2 A8", "ours", lambda model, job: _mct_fx_mp(model, job, 4)),
+    Method("MCT MP 4-bit size", "MP W8/4/2 A8", "mct", lambda model, job: _mct_mp(model, job, 4)),
+    Method("mct_fx MP 3-bit size", "MP W8/4/2 A8", "ours", lambda model, job: _mct_fx_mp(model, job, 3)),
+    Method("MCT MP 3-bit size", "MP W8/4/2 A8", "mct", lambda model, job: _mct_mp(model, job, 3)),
 )}
 
 
@@ -140,7 +187,7 @@ def worker(method: str, job_path: str, out_path: str) -> None:
     model = _build(job["model"])
     baseline = _peak_rss_mb()
     start = time.perf_counter()
-    qmodel = METHODS[method].run(model, job["calib"])
+    qmodel = METHODS[method].run(model, job)
     seconds = time.perf_counter() - start
     peak = _peak_rss_mb()
     logits = {}
@@ -198,6 +245,9 @@ def run_model(model_name: str, methods: list[str], args) -> dict:
         float_logits = {k: torch.cat([model(b) for b in _batches(x, 100)]) for k, x in data["eval"].items()}
     result = {"model": model_name, "n_calib": len(data["calib"]), "float": _quality(float_logits, float_logits, labels),
               "methods": {}}
+    if any(m.startswith("mct_fx MP") or m.startswith("MCT MP") for m in methods):
+        data["budgets"] = weight_budgets(model, data["calib"][:1])
+        result["budgets"] = data["budgets"]
     with tempfile.TemporaryDirectory() as tmp:
         job_path = os.path.join(tmp, "job.pt")
         torch.save({"model": job_spec, **data}, job_path)
@@ -264,7 +314,7 @@ def table(result: dict) -> str:
         row = [name, m["bits"], f"{m[key]:.2f}", f"{ref - m[key]:+.2f}", f"{m[ev + '_sqnr_db']:.2f}"]
         row += [f"{m['foolbox_accuracy']:.0f}"] if extra else [f"{m['test_agreement']:.2f}"]
         row += [f"{m['seconds']:.1f}", f"{m['peak_rss_mb']:.0f}"]
-        mct = result["methods"].get("MCT PTQ" + ("" if m["bits"] == "W8A8" else f" {m['bits']}"), {})
+        mct = result["methods"].get(name.replace("mct_fx", "MCT"), {})
         if "seconds" in mct and not name.startswith("MCT"):
             row += [f"{m['seconds'] / mct['seconds']:.2f}", f"{m['peak_rss_mb'] / mct['peak_rss_mb']:.2f}"]
         else:
@@ -308,6 +358,18 @@ def targets(result: dict) -> list[str]:
         check(ours4[key] >= mct4[key], f"W4A8 top-1 agreement {ours4[key]:.2f}% >= MCT's {mct4[key]:.2f}%")
     if result["model"] != "mobilenet_v2":
         check(drop <= 0.2, f"W8A8 accuracy drop {drop:.2f} <= 0.2 points (advanced-PTQ target)")
+    for b in (4, 3):  # mixed precision (issue 7): quality >= MCT's at the same budget, search <= 1/3 of MCT's
+        mp, mct_mp = result["methods"].get(f"mct_fx MP {b}-bit size", {}), result["methods"].get(
+            f"MCT MP {b}-bit size", {})
+        if key not in mp or key not in mct_mp:
+            continue
+        check(mp[key] >= mct_mp[key], f"MP at the {b}-bit size: {mp[key]:.2f} >= MCT's {mct_mp[key]:.2f}")
+        if "seconds" in ours and "seconds" in mct:
+            search, mct_search = mp["seconds"] - ours["seconds"], mct_mp["seconds"] - mct["seconds"]
+            check(search <= mct_search / 3, f"MP {b}-bit search time (MP run - PTQ run) {search:.1f} s <= "
+                                              f"MCT's / 3 = {mct_search / 3:.1f} s")
+        if b == 4 and key in ours4:
+            check(mp[key] > ours4[key], f"MP at the 4-bit size {mp[key]:.2f} > uniform W4A8 {ours4[key]:.2f}")
     return out
 
 

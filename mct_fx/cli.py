@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--input-shape", help="C,H,W of one input for synthetic data (default: the model's "
                                           "input_shape attribute, else 3,IMAGE_SIZE,IMAGE_SIZE)")
     q.add_argument("--tpc", default="imx500", help="built-in target name or a TPC .json file (default imx500)")
+    q.add_argument("--weights-memory", type=_budget, metavar="F|BYTES",
+                   help="mixed precision under this weights budget: a fraction of the float model's weights "
+                        "(0.2) or bytes (250000)")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--opset", type=int, help="ONNX opset (default 20, 21 for 16-bit grids)")
     q.add_argument("--onnx-weights", choices=("int8", "uint8"), default="int8",
@@ -161,17 +164,31 @@ def _input_shape(args: argparse.Namespace, model: nn.Module) -> tuple[int, ...]:
     return tuple(getattr(model, "input_shape", (3, args.image_size, args.image_size)))
 
 
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction (0.25) or a number of bytes, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
 def _quantize(args: argparse.Namespace) -> int:
     import mct_fx
     from mct_fx.export import export_onnx
-    from mct_fx.resources import weights_memory
+    from mct_fx.resources import float_weights_memory
 
     target = mct_fx.get_tpc(args.tpc)  # a bad --tpc fails before the model is built
     model = load_model(args.model, args.weights)
     loader = calibration_loader(args.calib, args.n_calib, args.batch_size, _input_shape(args, model))
+    budget = None
+    if args.weights_memory is not None:
+        w = args.weights_memory
+        budget = mct_fx.ResourceUtilization(weights_memory=w * float_weights_memory(model) if w <= 1 else w)
     out = Path(args.out)  # created once quantization succeeded: no half-done output folder
     start = time.time()
-    qmodel = mct_fx.quantize(model, loader, target, verbose=not args.quiet)
+    qmodel = mct_fx.quantize(model, loader, target, target=budget, verbose=not args.quiet)
     seconds = time.time() - start
     example = next(iter(loader))
     example = example[0] if isinstance(example, (list, tuple)) else example
@@ -179,7 +196,7 @@ def _quantize(args: argparse.Namespace) -> int:
     torch.save({"state_dict": qmodel.state_dict(), "model": args.model, "weights": args.weights,
                 "tpc": target.name}, out / "quantized_state.pt")
     summary = mct_fx.summary(qmodel)
-    float_bytes, quant_bytes = weights_memory(qmodel)
+    float_bytes, quant_bytes = float_weights_memory(qmodel), mct_fx.resource_utilization(qmodel).weights_memory
     report = {
         "model": args.model, "weights": args.weights, "tpc": target.name, "calibration": args.calib,
         "n_calib": args.n_calib, "quantize_seconds": round(seconds, 2),
@@ -187,6 +204,10 @@ def _quantize(args: argparse.Namespace) -> int:
         "onnx": _export_report(export), "layers": [asdict(layer) for layer in summary.layers],
         "left_float": list(summary.unknown),
     }
+    if summary.mixed_precision is not None:
+        mp = summary.mixed_precision
+        report["mixed_precision"] = {"target": dict(mp.target.items()), "achieved": dict(mp.utilization.items()),
+                                     "bits": mp.bits, "seconds": round(mp.seconds, 2)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(summary)
     print(f"\nquantized in {seconds:.1f} s; weights {float_bytes / 1e6:.2f} MB float -> "
@@ -211,7 +232,7 @@ def _demo(args: argparse.Namespace) -> int:
     from mct_fx.demo import load_model as demo_model
     from mct_fx.demo import load_samples
     from mct_fx.export import export_onnx
-    from mct_fx.resources import weights_memory
+    from mct_fx.resources import float_weights_memory
 
     start = time.time()
     model = demo_model()
@@ -227,7 +248,7 @@ def _demo(args: argparse.Namespace) -> int:
         float_acc = _accuracy(model(images), labels)
         quant_acc = _accuracy(qmodel(images), labels)
     onnx_acc = _onnx_accuracy(path, images, labels)
-    float_bytes, quant_bytes = weights_memory(qmodel)
+    float_bytes, quant_bytes = float_weights_memory(qmodel), mct_fx.resource_utilization(qmodel).weights_memory
     print(f"mct-fx demo: a CNN trained on Fashion-MNIST, quantized for {args.tpc} "
           f"with {len(calib)} calibration images in {seconds:.1f} s\n")
     rows = [("", "accuracy (500 test images)", "weights"),

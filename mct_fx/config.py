@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mct_fx.mixed_precision.config import MixedPrecisionConfig
 from mct_fx.quantizers.params import QuantMethod
 from mct_fx.quantizers.search import ErrorMethod
 
@@ -41,6 +42,8 @@ class LayerOverride:
                 except ValueError:
                     raise ValueError(f"LayerOverride.{field}: unknown value {value!r}; "
                                      f"expected one of {[m.value for m in kind]}") from None
+        if self.activation_error_method is ErrorMethod.HMSE:
+            raise ValueError("LayerOverride.activation_error_method: HMSE applies to weights only")
         for field in ("activation_n_bits", "weights_n_bits"):
             bits = getattr(self, field)
             if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16):
@@ -85,6 +88,8 @@ class QuantConfig:
 
     ``overrides``: per-node bit-widths (e.g. 16-bit activations where the target
     offers them), schemes and error methods, as :class:`LayerOverride` items.
+
+    ``mixed_precision``: settings of the bit-width search that ``quantize(..., target=...)`` runs.
     """
 
     activation_error_method: ErrorMethod = ErrorMethod.MSE
@@ -103,6 +108,7 @@ class QuantConfig:
     softmax_shift: bool = False
     concat_threshold_update: bool = False
     overrides: tuple[LayerOverride, ...] = ()
+    mixed_precision: MixedPrecisionConfig = MixedPrecisionConfig()
 
     def __post_init__(self):
         object.__setattr__(self, "activation_error_method", ErrorMethod(self.activation_error_method))
@@ -111,6 +117,8 @@ class QuantConfig:
         for i, o in enumerate(self.overrides):
             if not isinstance(o, LayerOverride):
                 raise TypeError(f"overrides[{i}]: expected a LayerOverride, got {type(o).__name__}")
+        if self.activation_error_method is ErrorMethod.HMSE:
+            raise ValueError("activation_error_method: HMSE (Hessian-weighted MSE) applies to weights only")
         if not self.lp_norm > 0:
             raise ValueError(f"lp_norm must be > 0, got {self.lp_norm}")
         if not self.z_threshold > 0:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CalibrationError", "ModelInputs", "split_batch", "iter_batches", "to_device"]
+__all__ = ["CalibrationError", "ModelInputs", "split_batch", "iter_batches", "to_device", "batch_size", "take_images"]
 
 ModelInputs = tuple[tuple, dict]
 
@@ -78,3 +78,33 @@ def to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
         return v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
 
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+def _first_tensor(inputs: ModelInputs) -> Tensor | None:
+    args, kwargs = inputs
+    return next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v.dim() > 0), None)
+
+
+def batch_size(inputs: ModelInputs) -> int:
+    """Samples in one batch: the leading size of its first tensor input (1 when there is none)."""
+    t = _first_tensor(inputs)
+    return int(t.shape[0]) if t is not None else 1
+
+
+def take_images(batches: list[ModelInputs], n: int) -> list[ModelInputs]:
+    """The first ``n`` samples of ``batches`` (the last batch cut: tensors with the batch's leading size)."""
+    out, count = [], 0
+    for inputs in batches:
+        if count >= n:
+            break
+        size, keep = batch_size(inputs), n - count
+        if size > keep:
+            args, kwargs = inputs
+
+            def cut(v, size=size, keep=keep):
+                return v[:keep] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size else v
+
+            inputs = tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+        out.append(inputs)
+        count += min(size, keep)
+    return out

@@ -11,8 +11,10 @@ from typing import Any
 from torch import fx, nn
 
 from mct_fx.config import QuantConfig
-from mct_fx.data import CalibrationError, iter_batches, split_batch, to_device
+from mct_fx.data import CalibrationError, batch_size, iter_batches, split_batch, take_images, to_device
 from mct_fx.graph_utils import model_device
+from mct_fx.hessian import Granularity, HessianService
+from mct_fx.mixed_precision.search import MixedPrecisionSearch
 from mct_fx.passes.bias_correction import add_missing_biases, correct_biases
 from mct_fx.passes.calibrate import calibrate
 from mct_fx.passes.collapse_linear import collapse_linear_layers
@@ -22,15 +24,18 @@ from mct_fx.passes.fold_bn import fold_batchnorm
 from mct_fx.passes.freeze import freeze_quantizers
 from mct_fx.passes.functionalize import functionalize_layers
 from mct_fx.passes.insert_quantizers import insert_quantizers
-from mct_fx.passes.layer_inputs import observe_layer_inputs, remove_observers
+from mct_fx.passes.layer_inputs import observe_layer_inputs, quantized_layers, remove_observers
 from mct_fx.passes.overrides import apply_overrides
 from mct_fx.passes.relu_bound import bound_relus_to_power_of_two
 from mct_fx.passes.second_moment import correct_second_moments
 from mct_fx.passes.softmax_shift import shift_softmax_inputs
 from mct_fx.passes.unify_concat import unify_concat_grids
 from mct_fx.quant_summary import QuantSummary, summarize
+from mct_fx.quantizers.modules import quantizers_off
+from mct_fx.quantizers.search import ErrorMethod
+from mct_fx.resources import ResourceUtilization
 from mct_fx.tpc.builtin import get_tpc
-from mct_fx.tpc.matching import annotate, describe_target
+from mct_fx.tpc.matching import annotate, annotation, describe_target
 from mct_fx.tpc.schema import TargetPlatformCapabilities
 from mct_fx.trace import trace
 
@@ -39,6 +44,7 @@ __all__ = ["prepare", "quantize", "SUMMARY_KEY"]
 log = logging.getLogger("mct_fx")
 SUMMARY_KEY = "mct_fx.summary"
 SECOND_MOMENT_BATCHES = 4  # calibration batches the second-moment correction measures on
+HMSE_IMAGES = 32  # calibration images the Hessian of the HMSE error method is estimated on
 TPCLike = str | os.PathLike | TargetPlatformCapabilities
 
 
@@ -77,53 +83,89 @@ def prepare(model: nn.Module, example_batch: Any, tpc: TPCLike = "imx500", confi
 
 
 def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", config: QuantConfig | None = None,
-             *, n_batches: int | None = None, inplace: bool = False, verbose: bool = True,
-             leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+             *, target: ResourceUtilization | None = None, n_batches: int | None = None, inplace: bool = False,
+             verbose: bool = True, leaf_modules: Iterable[type | str] = (),
+             concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """Post-training quantization of ``model`` for ``tpc``, calibrated on ``calib_loader``.
 
+    With a ``target`` (per-sample bytes / bit operations, see :mod:`mct_fx.resources`),
+    mixed precision picks each configurable layer's bit-width among the platform's
+    candidates: least sensitivity within the budget (``config.mixed_precision``).
     Returns a ``torch.fx.GraphModule`` with quantizers in the graph; its per-layer
     summary is ``mct_fx.summary(qmodel)`` (also in ``qmodel.meta["mct_fx.summary"]``).
     The user's model is not modified unless ``inplace=True``.
     """
     config = config or QuantConfig()
-    target = get_tpc(tpc)  # fail on a bad target before touching any data
+    platform = get_tpc(tpc)  # fail on a bad target before touching any data
     batches = iter_batches(calib_loader, n_batches)
     first = next(batches, None)
     if first is None:  # pragma: no cover - iter_batches raises on an empty loader
         raise CalibrationError("the calibration loader yielded no batches")
     args, kwargs = first
     example = args[0] if args and not kwargs else kwargs
-    gm = prepare(model, example, target, config, leaf_modules=leaf_modules, concrete_args=concrete_args,
+    gm = prepare(model, example, platform, config, leaf_modules=leaf_modules, concrete_args=concrete_args,
                  inplace=inplace)
+    search = MixedPrecisionSearch(gm, target, config) if target is not None else None  # fails early on a bad budget
     bias_correction = config.weights_bias_correction and not config.weights_second_moment_correction
     observers = observe_layer_inputs(gm) if bias_correction else {}
     total = n_batches or (len(calib_loader) if hasattr(calib_loader, "__len__") else None)
-    retained: list = []  # the first batches, kept for the second-moment pass
+    retained: list = []  # the first batches: for the second-moment pass and the mixed-precision sensitivities
     stream = itertools.chain([first], batches)
-    if config.weights_second_moment_correction:
-        stream = _keep_first(stream, retained, SECOND_MOMENT_BATCHES)
+    keep_batches = SECOND_MOMENT_BATCHES if config.weights_second_moment_correction else 0
+    keep_images = config.mixed_precision.n_images if search is not None else 0
+    hmse_layers = _hmse_layers(gm, config)
+    if hmse_layers:
+        keep_images = max(keep_images, HMSE_IMAGES)
+    if keep_batches or keep_images:
+        stream = _keep_first(stream, retained, keep_batches, keep_images)
     n = calibrate(gm, stream, verbose=verbose, total=total)
     input_means = {name: obs.mean() for name, obs in observers.items()}
     remove_observers(gm)
     if config.softmax_shift:
         shift_softmax_inputs(gm)
-    freeze_quantizers(gm, config)
+    if search is not None:
+        search.keep_histograms()
+    device = model_device(gm)
+    importance = None
+    if hmse_layers:
+        with quantizers_off(gm):
+            service = HessianService.from_model_inputs(gm, take_images(retained, HMSE_IMAGES))
+            importance = service.weights(hmse_layers, Granularity.PER_ELEMENT)
+    freeze_quantizers(gm, config, importance)
+    mixed = None
+    if search is not None:
+        images = [to_device(b, device) for b in take_images(retained, config.mixed_precision.n_images)]
+        mixed = search.run(images, input_means, verbose=verbose, importance=importance)
+        log.info("%s", mixed)
     if config.concat_threshold_update:
         unify_concat_grids(gm)
-    if retained:  # matches each layer's output mean too: it replaces bias correction
-        correct_second_moments(gm, retained)
+    if config.weights_second_moment_correction:  # matches each layer's output mean too: replaces bias correction
+        correct_second_moments(gm, retained[:SECOND_MOMENT_BATCHES])
     elif input_means:
         correct_biases(gm, input_means, config.weights_error_method, config.lp_norm)
-    summary = summarize(gm)
+    summary = summarize(gm, mixed)
     gm.meta[SUMMARY_KEY] = summary
     log.info("quantized with %s on %d calibration batches\n%s", gm.meta["mct_fx.tpc"], n, summary)
     return gm
 
 
-def _keep_first(items: Iterable, kept: list, n: int) -> Iterator:
+def _hmse_layers(gm: fx.GraphModule, config: QuantConfig) -> list[str]:
+    """Layers whose kernel grid the Hessian-weighted MSE chooses (config default or an override)."""
+    layers = []
+    for layer, _, _ in quantized_layers(gm):
+        method = annotation(layer).error_methods.get("weights", config.weights_error_method)
+        if method is ErrorMethod.HMSE:
+            layers.append(layer.name)
+    return layers
+
+
+def _keep_first(items: Iterable, kept: list, n_batches: int, n_images: int) -> Iterator:
+    """Pass ``items`` through, keeping the first ``n_batches`` batches, or more until ``n_images`` images."""
+    images = 0
     for item in items:
-        if len(kept) < n:
+        if len(kept) < n_batches or images < n_images:
             kept.append(item)
+            images += batch_size(item)
         yield item
 
 

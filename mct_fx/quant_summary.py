@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import fx
 
@@ -10,6 +11,9 @@ from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
 from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
 from mct_fx.tpc.matching import annotation, describe_target, produces_float
 from mct_fx.tpc.vocabulary import LINEAR_OPS
+
+if TYPE_CHECKING:
+    from mct_fx.mixed_precision.search import MixedPrecisionResult
 
 __all__ = ["LayerSummary", "QuantSummary", "summarize"]
 
@@ -30,6 +34,7 @@ class QuantSummary:
 
     layers: tuple[LayerSummary, ...]
     unknown: tuple[str, ...]
+    mixed_precision: MixedPrecisionResult | None = None  # the bit-width search's choice, when one ran
 
     def __str__(self) -> str:
         head = ("node", "op", "weights", "activation", "grid")
@@ -39,6 +44,8 @@ class QuantSummary:
         lines.insert(1, "  ".join("-" * w for w in widths))
         if self.unknown:
             lines.append(f"left float (op unknown to the vocabulary): {', '.join(self.unknown)}")
+        if self.mixed_precision is not None:
+            lines.append(str(self.mixed_precision))
         return "\n".join(lines)
 
 
@@ -52,7 +59,7 @@ def _describe(q: FakeQuantizer) -> str:
     return f"{q.n_bits}b {q.method.value}{sign}{where}"
 
 
-def summarize(gm: fx.GraphModule) -> QuantSummary:
+def summarize(gm: fx.GraphModule, mixed_precision: MixedPrecisionResult | None = None) -> QuantSummary:
     """Summarise every annotated node of a prepared or quantized ``gm``."""
     quantizers: dict[tuple[str, str], FakeQuantizer] = {}
     for node in gm.graph.nodes:
@@ -93,4 +100,4 @@ def summarize(gm: fx.GraphModule) -> QuantSummary:
             else:
                 activation = "not quantized"
         layers.append(LayerSummary(node.name, ann.op or "?", describe_target(node, gm), weights, activation, grid))
-    return QuantSummary(tuple(layers), tuple(unknown))
+    return QuantSummary(tuple(layers), tuple(unknown), mixed_precision)

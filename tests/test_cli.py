@@ -68,6 +68,26 @@ def test_quantize_demo_model_writes_its_three_outputs(tmp_path, capsys):
         assert (torch.from_numpy(onnx_out) - qmodel(images[:4])).abs().max() < 1.0
 
 
+def test_weights_memory_budget_runs_mixed_precision(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", "demo", "--calib", "synthetic", "--n-calib", "64", "--quiet",
+                 "--weights-memory", "0.15", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mixed precision" in printed and "achieved" in printed
+    report = json.loads((out / "report.json").read_text())
+    mp = report["mixed_precision"]
+    float_bytes = 4 * sum(p.numel() for p in load_model().parameters())
+    assert mp["target"]["weights_memory"] == pytest.approx(0.15 * float_bytes)
+    assert report["weights_bytes"]["quantized"] == mp["achieved"]["weights_memory"] <= 0.15 * float_bytes
+    assert {"W8", "W4"} <= set(mp["bits"].values())
+    # a budget below every layer at 2 bits: one line naming the smallest achievable size, nothing written
+    assert main(["quantize", "--model", "demo", "--calib", "synthetic", "--n-calib", "64", "--quiet",
+                 "--weights-memory", "1000", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "smallest achievable" in err[0], err
+    assert not (tmp_path / "none").exists()
+
+
 def test_quantize_a_model_from_a_python_file(tmp_path, capsys):
     (tmp_path / "mine.py").write_text(
         "import torch.nn as nn\n"

@@ -20,7 +20,7 @@ from mct_fx.passes.layer_inputs import expand_to_weight, quantized_layers
 from mct_fx.quantizers.modules import WeightQuantizer
 from mct_fx.quantizers.search import ErrorMethod
 
-__all__ = ["add_missing_biases", "correct_biases"]
+__all__ = ["add_missing_biases", "correct_biases", "output_shift"]
 
 
 def add_missing_biases(gm: fx.GraphModule) -> fx.GraphModule:
@@ -39,7 +39,7 @@ def add_missing_biases(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _shift(layer: fx.Node, delta: Tensor, mean: Tensor) -> Tensor:
+def output_shift(layer: fx.Node, delta: Tensor, mean: Tensor) -> Tensor:
     """Expected output shift per output channel of ``layer`` for weight error ``delta``."""
     weighted = delta * expand_to_weight(layer, mean, delta).to(delta.dtype)
     if layer.target is F.linear:
@@ -77,7 +77,7 @@ def correct_biases(gm: fx.GraphModule, input_means: dict[str, Tensor],
             continue
         with torch.no_grad():
             delta = (q(weight) - weight).double()
-            bias -= _shift(layer, delta, mean.double()).to(bias.dtype)
+            bias -= output_shift(layer, delta, mean.double()).to(bias.dtype)
         if isinstance(bias_quant, WeightQuantizer) and bias_quant.mode == "frozen":
             bias_quant.freeze(bias, error, p)
     return gm

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from torch import fx
+from collections.abc import Callable
+
+from torch import Tensor, fx
 
 from mct_fx.config import QuantConfig
 from mct_fx.graph_utils import attr_value, quantizer_nodes
@@ -11,16 +13,43 @@ from mct_fx.passes.shift_negative import shiftable_quantizers
 from mct_fx.quantizers.modules import ActivationQuantizer, WeightQuantizer
 from mct_fx.tpc.matching import annotation
 
-__all__ = ["freeze_quantizers"]
+__all__ = ["freeze_quantizers", "activation_freezer"]
 
 
-def freeze_quantizers(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
+def activation_freezer(gm: fx.GraphModule, config: QuantConfig) -> Callable[[str, ActivationQuantizer], None]:
+    """``freeze(target, q)``: freeze activation quantizer ``q`` as the one at ``gm.<target>`` would be.
+
+    (Same error method, shift-negative decision and outlier filter; ``q`` need not be in the graph.)
+    """
+    shiftable = shiftable_quantizers(gm) if config.shift_negative_correction else set()
+    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    nodes = {n.name: n for n in gm.graph.nodes}
+
+    def freeze(target: str, q: ActivationQuantizer) -> None:
+        if q.observer.empty:
+            raise RuntimeError(f"activation quantizer {target!r} saw no data: was calibration run?")
+        qnode = by_target.get(target)
+        source = nodes.get(qnode.meta.get(QUANTIZED_FROM)) if qnode is not None else None
+        ann = annotation(source) if source is not None else None
+        error = ann.error_methods.get("activation", config.activation_error_method) if ann else \
+            config.activation_error_method
+        q.freeze(error, config.lp_norm,
+                 shift_negative_ratio=config.shift_negative_ratio if target in shiftable else None,
+                 z_threshold=config.z_threshold, shift_negative_search=config.shift_negative_params_search)
+
+    return freeze
+
+
+def freeze_quantizers(gm: fx.GraphModule, config: QuantConfig,
+                      importance: dict[str, Tensor] | None = None) -> fx.GraphModule:
     """Search the grid of every observing quantizer (weights from their tensors, activations from histograms).
 
     With ``config.shift_negative_correction``, activations whose shift the next
     linear layer can absorb may get a shifted unsigned grid (see :mod:`.shift_negative`).
+    ``importance``: per-element weights of the error of a layer's kernel, by layer
+    name (the Hessian diagonal, which the HMSE error method needs).
     """
-    shiftable = shiftable_quantizers(gm) if config.shift_negative_correction else set()
+    freeze_activation = activation_freezer(gm, config)
     sources = {n.name: n for n in gm.graph.nodes}
 
     def error_method(qnode, kind: str, default):
@@ -29,19 +58,15 @@ def freeze_quantizers(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule
         return ann.error_methods.get(kind, default) if ann is not None else default
 
     for node, q in quantizer_nodes(gm, ActivationQuantizer):
-        if q.mode != "observe":
-            continue
-        if q.observer.empty:
-            raise RuntimeError(f"activation quantizer {node.target!r} saw no data: was calibration run?")
-        ratio = config.shift_negative_ratio if node.target in shiftable else None
-        q.freeze(error_method(node, "activation", config.activation_error_method), config.lp_norm,
-                 shift_negative_ratio=ratio,
-                 z_threshold=config.z_threshold, shift_negative_search=config.shift_negative_params_search)
+        if q.mode == "observe":
+            freeze_activation(node.target, q)
     for node, q in quantizer_nodes(gm, WeightQuantizer):
         if q.mode != "observe":
             continue
         weight = attr_value(gm, node.args[0])
         if weight is None:
             raise RuntimeError(f"weight quantizer {node.target!r} does not read a parameter")
-        q.freeze(weight, error_method(node, "weights", config.weights_error_method), config.lp_norm)
+        q.freeze(weight, error_method(node, "weights", config.weights_error_method), config.lp_norm,
+                 importance=(importance or {}).get(node.meta.get(QUANTIZED_FROM)) if node.target.endswith(
+                     "_weight_quant") else None)
     return gm

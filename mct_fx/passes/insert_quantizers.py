@@ -24,16 +24,17 @@ from mct_fx.tpc.matching import annotation
 from mct_fx.tpc.schema import AttributeQuantConfig, Signedness
 from mct_fx.tpc.vocabulary import LINEAR_OPS
 
-__all__ = ["insert_quantizers", "QUANTIZED_FROM"]
+__all__ = ["insert_quantizers", "weight_quantizer", "QUANTIZED_FROM", "SIGNEDNESS"]
 
 # node.meta key on quantizer nodes: the name of the node they quantize
 QUANTIZED_FROM = "mct_fx.quantizes"
 _TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-_SIGNED = {Signedness.AUTO: None, Signedness.SIGNED: True, Signedness.UNSIGNED: False}
+SIGNEDNESS = {Signedness.AUTO: None, Signedness.SIGNED: True, Signedness.UNSIGNED: False}
 _CLIPS_NEGATIVES = ("ReLU", "ReLU6")
 
 
-def _weight_quantizer(cfg: AttributeQuantConfig, tensor, axis: int) -> WeightQuantizer:
+def weight_quantizer(cfg: AttributeQuantConfig, tensor, axis: int) -> WeightQuantizer:
+    """An observing quantizer for ``tensor`` as ``cfg`` asks (per channel along ``axis`` when per-channel)."""
     channels = tensor.shape[axis] if cfg.per_channel and tensor.dim() > 0 else None
     cls = LutWeightQuantizer if cfg.method.is_lut else WeightQuantizer
     return cls(cfg.method, cfg.n_bits, channels=channels, axis=axis)
@@ -46,7 +47,7 @@ def _insert_weight_quantizer(gm: fx.GraphModule, node: fx.Node, index: int, suff
     if not cfg.enabled or tensor is None:
         return
     name = f"{node.name}_{suffix}_quant"
-    gm.add_submodule(name, _weight_quantizer(cfg, tensor, axis if tensor.dim() > 1 else 0))
+    gm.add_submodule(name, weight_quantizer(cfg, tensor, axis if tensor.dim() > 1 else 0))
     with gm.graph.inserting_before(node):
         q = gm.graph.call_module(name, (source,))
     q.meta[QUANTIZED_FROM] = node.name
@@ -76,7 +77,7 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             _insert_weight_quantizer(gm, node, 2, "bias", cfg.bias, 0)
         if ann.quantize_output:
             name = f"{node.name}_act_quant"
-            signed = _SIGNED[cfg.signedness]
+            signed = SIGNEDNESS[cfg.signedness]
             if signed is None and _only_relu_users(node):
                 signed = False  # negatives become 0 downstream anyway: spend every code on the positive side
             cls = LutActivationQuantizer if cfg.activation_method.is_lut else ActivationQuantizer

@@ -12,6 +12,8 @@ quantize with the stored grid), ``off`` (pass through).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from mct_fx.quantizers.histogram import StreamingHistogram, z_score_filter
 from mct_fx.quantizers.params import QuantMethod, int_range, shift_negative_params
 from mct_fx.quantizers.search import ErrorMethod, search_params, search_shifted
 
-__all__ = ["FakeQuantizer", "ActivationQuantizer", "WeightQuantizer", "MODES"]
+__all__ = ["FakeQuantizer", "ActivationQuantizer", "WeightQuantizer", "MODES", "quantizers_off"]
 
 MODES = ("observe", "frozen", "off")
 
@@ -176,3 +178,17 @@ class WeightQuantizer(FakeQuantizer):
     def extra_repr(self) -> str:
         where = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
         return f"{super().extra_repr()}, {where}"
+
+
+@contextmanager
+def quantizers_off(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` as its float self: every quantizer in it passes values through; modes come back after."""
+    quantizers = [m for m in module.modules() if isinstance(m, FakeQuantizer)]
+    modes = [q.mode for q in quantizers]
+    for q in quantizers:
+        q.mode = "off"
+    try:
+        yield
+    finally:
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.mode = mode

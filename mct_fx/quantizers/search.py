@@ -67,6 +67,7 @@ class ErrorMethod(str, enum.Enum):
     MAE = "mae"
     LP = "lp"
     KL = "kl"
+    HMSE = "hmse"  # weights only: MSE weighted per element by the label-free Hessian (the caller's ``counts``)
 
 
 def _p_of(error: ErrorMethod, p: float) -> float:
@@ -161,6 +162,10 @@ def search_params(values: Tensor, counts: Tensor | None, lo: Tensor, hi: Tensor,
     observed minimum/maximum of each row.  ``signed`` is ignored for uniform grids.
     """
     method, error = QuantMethod(method), ErrorMethod(error)
+    if error is ErrorMethod.HMSE:
+        if counts is None:
+            raise ValueError("the HMSE error method needs per-element Hessian weights (counts / importance)")
+        error = ErrorMethod.MSE
     lo, hi = lo.float(), hi.float()
     if error is ErrorMethod.KL and counts is None:
         values, counts = row_histograms(values, lo, hi)

@@ -1,0 +1,185 @@
+"""Mixed precision inside PTQ: measure each candidate's sensitivity, solve for bits, apply them.
+
+Used by :func:`mct_fx.quantize` when it is given a ``target``:
+
+1. right after ``prepare``: find the configurable nodes, build the cost model
+   and reject a budget no choice can meet (before any calibration work);
+2. after calibration, before freezing: keep the activation histograms
+   (:meth:`keep_histograms`);
+3. after freezing at the target's base configuration: freeze every candidate's
+   quantizers, measure sensitivities (bias-corrected per candidate when bias
+   correction is on), solve, and put the chosen quantizers into the graph.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx
+from tqdm.auto import tqdm
+
+from mct_fx.config import QuantConfig
+from mct_fx.data import ModelInputs
+from mct_fx.graph_utils import attr_value, param_source
+from mct_fx.hessian import HessianService, normalized_traces
+from mct_fx.mixed_precision.candidates import AlternativeQuantizers, Configurable, configurable_nodes, swap
+from mct_fx.mixed_precision.config import DistanceWeighting
+from mct_fx.mixed_precision.sensitivity import SensitivityEvaluator, interest_points
+from mct_fx.mixed_precision.solver import check_feasible, solve
+from mct_fx.passes.bias_correction import correct_biases, output_shift
+from mct_fx.passes.layer_inputs import quantized_layers
+from mct_fx.quantizers.modules import quantizers_off
+from mct_fx.resources import CostModel, ResourceUtilization, activation_bits, weight_bits
+from mct_fx.tpc.matching import annotation
+
+__all__ = ["MixedPrecisionSearch", "MixedPrecisionResult"]
+
+
+@dataclass(frozen=True)
+class MixedPrecisionResult:
+    """What the search chose: per configurable node its candidate (``"W4"``, ``"A16"``, ``"W8A16"``)."""
+
+    target: ResourceUtilization
+    utilization: ResourceUtilization
+    bits: dict[str, str]
+    sensitivity: dict[str, dict[str, float]]  # node -> candidate -> distance from the float model
+    seconds: float
+
+    def __str__(self) -> str:
+        counts: dict[str, int] = {}
+        for b in self.bits.values():
+            counts[b] = counts.get(b, 0) + 1
+        chosen = ", ".join(f"{b} x {n}" for b, n in sorted(counts.items()))
+        return (f"mixed precision ({self.seconds:.1f} s): target {self.target}; achieved {self.utilization}; "
+                f"{len(self.bits)} configurable nodes: {chosen or 'none'}")
+
+
+class MixedPrecisionSearch:
+    """One search over a prepared GraphModule; see the module docstring for the order of calls."""
+
+    def __init__(self, gm: fx.GraphModule, target: ResourceUtilization, config: QuantConfig):
+        if not isinstance(target, ResourceUtilization):
+            raise TypeError(f"target: expected a mct_fx.ResourceUtilization, got {type(target).__name__}")
+        if not target.items():
+            raise ValueError("target: set at least one of weights_memory, activation_memory, total_memory, bops")
+        self.gm, self.target, self.config = gm, target, config
+        self.entries = configurable_nodes(gm)
+        self.costs = CostModel(gm)
+        check_feasible(self.costs, self.entries, target)
+        self._alternatives: AlternativeQuantizers | None = None
+
+    def keep_histograms(self) -> None:
+        self._alternatives = AlternativeQuantizers(self.gm, self.entries)
+
+    def run(self, images: Sequence[ModelInputs], input_means: dict[str, Tensor], verbose: bool = True,
+            importance: dict[str, Tensor] | None = None) -> MixedPrecisionResult:
+        if self._alternatives is None:
+            raise RuntimeError("keep_histograms() must run before the quantizers are frozen")
+        start = time.perf_counter()
+        self._alternatives.build(self.config, importance)
+        sensitivity = self._sensitivities(images, input_means, verbose) if self.entries else []
+        choice = solve(self.costs, self.entries, sensitivity, self.target, self.config.mixed_precision.refine)
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        for entry, index in zip(self.entries, choice, strict=True):
+            swap(self.gm, entry, index)
+            annotation(nodes[entry.node]).config = entry.candidates[index]
+        utilization = self.costs.evaluate()
+        over = utilization.exceeds(self.target)
+        if over:  # pragma: no cover - the integer program's constraints are the same sums
+            raise RuntimeError(f"mixed precision exceeded the target on {over}: {utilization} vs {self.target}")
+        return MixedPrecisionResult(
+            self.target, utilization,
+            {e.node: e.describe(i) for e, i in zip(self.entries, choice, strict=True)},
+            {e.node: {e.describe(i): s for i, s in enumerate(row)} for e, row in zip(self.entries, sensitivity,
+                                                                                     strict=True)},
+            time.perf_counter() - start)
+
+    def _sensitivities(self, images: Sequence[ModelInputs], input_means: dict[str, Tensor],
+                       verbose: bool) -> list[list[float]]:
+        mp = self.config.mixed_precision
+        weights = None
+        if mp.distance_weighting is DistanceWeighting.HESSIAN:
+            with quantizers_off(self.gm):
+                service = HessianService.from_model_inputs(self.gm, images, mp.hessian)
+                weights = normalized_traces(service.activations([p.name for p in interest_points(self.gm)]))
+        evaluator = SensitivityEvaluator(self.gm, images, mp.distance_weighting, mp.output_distance, weights)
+        biases = _LayerBiases(self.gm, input_means, self.config)
+        try:
+            base = evaluator.distance()
+            total = sum(len(e.candidates) - 1 for e in self.entries)
+            bar = tqdm(total=total, desc="mixed precision", disable=not verbose, leave=False)
+            rows = []
+            for entry in self.entries:
+                row = [base]
+                for index in range(1, len(entry.candidates)):
+                    replaced = swap(evaluator.probe, entry, index)
+                    biases.use_candidate(entry, index)
+                    try:
+                        distance = evaluator.distance()
+                    finally:
+                        for name, module in replaced.items():
+                            setattr(evaluator.probe, name, module)
+                        biases.use_base(entry)
+                    if _fewer_bits(entry, index):  # never cheaper *and* better than the base: ties go to bits
+                        distance = max(distance, base * (1 + 1e-6) + 1e-12)
+                    row.append(distance)
+                    bar.update()
+                rows.append(row)
+            bar.close()
+            return rows
+        finally:
+            biases.restore()
+
+
+def _fewer_bits(entry: Configurable, index: int) -> bool:
+    base, cand = entry.candidates[0], entry.candidates[index]
+    return weight_bits(cand) <= weight_bits(base) and activation_bits(cand) <= activation_bits(base)
+
+
+class _LayerBiases:
+    """Bias correction while candidates are measured: each layer's bias as its own weights' grid needs it.
+
+    The graph's biases are corrected for the base grids while sensitivities are
+    measured; a candidate's layer gets the bias for its candidate grid.  ``restore``
+    puts the uncorrected biases back (PTQ corrects the final model afterwards).
+    """
+
+    def __init__(self, gm: fx.GraphModule, input_means: dict[str, Tensor], config: QuantConfig):
+        self.gm, self.means = gm, input_means
+        self.layers = {layer.name: (layer, qnode) for layer, qnode, _ in quantized_layers(gm)}
+        self.original = {name: b.detach().clone() for name, b in self._biases().items()}
+        if input_means:
+            correct_biases(gm, input_means, config.weights_error_method, config.lp_norm)
+        self.base = {name: b.detach().clone() for name, b in self._biases().items()}
+
+    def _bias(self, name: str) -> Tensor | None:
+        layer, _ = self.layers[name]
+        return attr_value(self.gm, param_source(layer.args[2])) if len(layer.args) > 2 else None
+
+    def _biases(self) -> dict[str, Tensor]:
+        return {name: b for name in self.layers if (b := self._bias(name)) is not None}
+
+    def use_candidate(self, entry: Configurable, index: int) -> None:
+        q = entry.quantizers.get(index, {}).get("weight")
+        bias, mean = self._bias(entry.node) if entry.node in self.layers else None, self.means.get(entry.node)
+        if q is None or bias is None or mean is None:
+            return
+        layer, qnode = self.layers[entry.node]
+        weight = attr_value(self.gm, qnode.args[0])
+        with torch.no_grad():
+            delta = (q(weight) - weight).double()
+            bias.copy_(self.original[entry.node] - output_shift(layer, delta, mean.double()).to(bias.dtype))
+
+    def use_base(self, entry: Configurable) -> None:
+        bias = self._bias(entry.node) if entry.node in self.layers else None
+        if bias is not None:
+            with torch.no_grad():
+                bias.copy_(self.base[entry.node])
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, bias in self._biases().items():
+                bias.copy_(self.original[name])

@@ -1,0 +1,206 @@
+"""Mixed-precision search: the integer program against brute force, budgets, and the PTQ integration."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mct_fx
+from mct_fx.mixed_precision.candidates import configurable_nodes
+from mct_fx.mixed_precision.solver import MixedPrecisionError, solve
+from mct_fx.resources import CostModel, ResourceUtilization
+
+import zoo
+
+
+class Stack(nn.Module):
+    """conv -> relu -> conv -> conv -> pool -> fc: three to five configurable nodes depending on the target."""
+
+    def __init__(self, deep: bool = True):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(16, 16, 3, padding=1) if deep else nn.Identity()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = self.c3(self.c2(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _setup(tpc):
+    # imx500: 4 layers x W8/W4/W2 (81 choices); imx500_16bit: 3 layers and 3 activations with A8/A16 too (864)
+    gm = mct_fx.prepare(Stack(deep=tpc == "imx500").eval(), torch.randn(1, 3, 8, 8), tpc)
+    return CostModel(gm), configurable_nodes(gm)
+
+
+def _brute_force(costs, entries, sens, target):
+    best = math.inf
+    for choice in itertools.product(*[range(len(e.candidates)) for e in entries]):
+        configs = {e.node: e.candidates[i] for e, i in zip(entries, choice, strict=True)}
+        if costs.evaluate(configs).exceeds(target):
+            continue
+        best = min(best, sum(s[i] for s, i in zip(sens, choice, strict=True)))
+    return best
+
+
+def _objective(sens, choice):
+    return sum(s[i] for s, i in zip(sens, choice, strict=True))
+
+
+def _random_sensitivities(entries, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [sorted(torch.rand(len(e.candidates), generator=g).tolist()) for e in entries]
+
+
+def _fraction(costs, entries, field, fraction):
+    """A budget between the smallest and the base utilization."""
+    from mct_fx.mixed_precision.solver import smallest_achievable
+
+    low, high = smallest_achievable(costs, entries, field), getattr(costs.evaluate(), field)
+    return low + fraction * (high - low)
+
+
+@pytest.mark.parametrize("tpc", ["imx500", "imx500_16bit"])
+@pytest.mark.parametrize("field", ["weights_memory", "activation_memory", "total_memory", "bops"])
+def test_integer_program_equals_brute_force(tpc, field):
+    costs, entries = _setup(tpc)
+    n_choices = math.prod(len(e.candidates) for e in entries)
+    assert len(entries) >= 4 and n_choices <= 1000
+    if field == "activation_memory" and tpc == "imx500":
+        pytest.skip("imx500 has 8-bit activations only: nothing to choose")
+    for seed, fraction in ((0, 0.3), (1, 0.6), (2, 0.05)):
+        sens = _random_sensitivities(entries, seed)
+        target = ResourceUtilization(**{field: _fraction(costs, entries, field, fraction)})
+        choice = solve(costs, entries, sens, target, refine=False)
+        chosen = costs.evaluate({e.node: e.candidates[i] for e, i in zip(entries, choice, strict=True)})
+        assert not chosen.exceeds(target)
+        assert _objective(sens, choice) == pytest.approx(_brute_force(costs, entries, sens, target), rel=1e-9)
+
+
+def test_several_budgets_at_once_equal_brute_force():
+    costs, entries = _setup("imx500_16bit")
+    sens = _random_sensitivities(entries, 5)
+    target = ResourceUtilization(weights_memory=_fraction(costs, entries, "weights_memory", 0.5),
+                                 bops=_fraction(costs, entries, "bops", 0.5),
+                                 activation_memory=_fraction(costs, entries, "activation_memory", 0.7))
+    choice = solve(costs, entries, sens, target, refine=False)
+    assert _objective(sens, choice) == pytest.approx(_brute_force(costs, entries, sens, target), rel=1e-9)
+
+
+def test_unreachable_budget_names_the_smallest_achievable():
+    costs, entries = _setup("imx500")
+    least = costs.evaluate({e.node: e.candidates[-1] for e in entries}).weights_memory  # all at 2 bits
+    with pytest.raises(MixedPrecisionError, match=f"smallest achievable .* is {least:.6g} bytes"):
+        solve(costs, entries, _random_sensitivities(entries, 0), ResourceUtilization(weights_memory=least * 0.9))
+
+
+def test_refinement_raises_bits_only_without_cost_in_sensitivity():
+    costs, entries = _setup("imx500")
+    flat = [[0.0] * len(e.candidates) for e in entries]  # every candidate equally good
+    target = ResourceUtilization(weights_memory=costs.evaluate().weights_memory)
+    refined = solve(costs, entries, flat, target, refine=True)
+    assert refined == [0] * len(entries)  # the base (8-bit) everywhere fits: taken
+
+
+@pytest.fixture(scope="module")
+def small_search():
+    """One mixed-precision PTQ run on a random-weight resnet18 (BN re-estimated), 64x64 images."""
+    torch.manual_seed(0)
+    model, side = zoo.build("resnet18")
+    calib = zoo.calibration(64, n_batches=4, batch_size=8)
+    base = mct_fx.resource_utilization(model, calib[0])
+    costs_gm = mct_fx.prepare(model, calib[0])
+    costs, entries = CostModel(costs_gm), configurable_nodes(costs_gm)
+    four_bit = costs.evaluate({e.node: next(c for c in e.candidates if c.kernel.n_bits == 4) for e in entries})
+    target = ResourceUtilization(weights_memory=four_bit.weights_memory)
+    qmodel = mct_fx.quantize(model, calib, "imx500", target=target, verbose=False)
+    return model, calib, base, target, qmodel, costs, entries
+
+
+def test_quantize_with_target_meets_it_and_reports(small_search):
+    model, calib, base, target, qmodel, _, entries = small_search
+    ru = mct_fx.resource_utilization(qmodel)
+    assert ru.weights_memory <= target.weights_memory
+    summary = mct_fx.summary(qmodel)
+    mp = summary.mixed_precision
+    assert mp is not None and set(mp.bits) == {e.node for e in entries}
+    assert len(set(mp.bits.values())) > 1  # really mixed: neither all-8 (too big) nor all-2 (too bad)
+    assert "mixed precision" in str(summary) and "achieved" in str(summary)
+    weights = [l.weights for l in summary.layers if l.weights != "-"]
+    assert any(w.startswith("2b") or w.startswith("4b") for w in weights)
+    # 2-bit weights hurt more than 4-bit ones almost everywhere
+    worse = [node for node in mp.bits if mp.sensitivity[node]["W2"] > mp.sensitivity[node]["W4"]]
+    assert len(worse) >= 0.9 * len(mp.bits)
+
+
+def test_tighter_budgets_never_give_larger_models(small_search):
+    model, calib, base, target, qmodel, costs, entries = small_search
+    mp = mct_fx.summary(qmodel).mixed_precision
+    sens = [[mp.sensitivity[e.node][e.describe(i)] for i in range(len(e.candidates))] for e in entries]
+    low = costs.evaluate({e.node: e.candidates[-1] for e in entries}).weights_memory
+    high = costs.evaluate().weights_memory
+    sizes = []
+    for f in (1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.1, 0.0):
+        budget = ResourceUtilization(weights_memory=low + f * (high - low))
+        choice = solve(costs, entries, sens, budget)
+        size = costs.evaluate({e.node: e.candidates[i] for e, i in zip(entries, choice, strict=True)}).weights_memory
+        assert size <= budget.weights_memory
+        sizes.append(size)
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_mixed_beats_uniform_four_bit_at_the_same_size(small_search):
+    model, calib, _, target, qmodel, _, _ = small_search
+    uniform = mct_fx.quantize(model, calib, "imx500", mct_fx.QuantConfig(overrides=(
+        mct_fx.LayerOverride(op="Conv", weights_n_bits=4), mct_fx.LayerOverride(op="FullyConnected",
+                                                                                 weights_n_bits=4))),
+        verbose=False)
+    assert mct_fx.resource_utilization(uniform).weights_memory == pytest.approx(target.weights_memory)
+    x = zoo.evaluation(64)
+    with torch.no_grad():
+        ref = model(x)
+        err_mixed = (qmodel(x) - ref).pow(2).mean()
+        err_uniform = (uniform(x) - ref).pow(2).mean()
+    assert err_mixed < err_uniform
+
+
+def test_bad_target_fails_before_calibration():
+    model = Stack().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def loader():
+        for i in range(3):
+            seen.append(i)
+            yield torch.randn(4, 3, 8, 8)
+
+    with pytest.raises(MixedPrecisionError, match="weights_memory"):
+        mct_fx.quantize(model, loader(), target=ResourceUtilization(weights_memory=10), verbose=False)
+    assert seen == [0]  # only the example batch was read
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(TypeError, match="ResourceUtilization"):
+        mct_fx.quantize(model, [torch.randn(2, 3, 8, 8)], target={"weights_memory": 10}, verbose=False)
+    with pytest.raises(ValueError, match="at least one"):
+        mct_fx.quantize(model, [torch.randn(2, 3, 8, 8)], target=ResourceUtilization(), verbose=False)
+
+
+def test_distance_weightings_each_measure_differently():
+    torch.manual_seed(0)
+    model = Stack().eval()
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    costs, entries = _setup("imx500")
+    target = ResourceUtilization(weights_memory=_fraction(costs, entries, "weights_memory", 0.5))
+    seen = []
+    for weighting in mct_fx.DistanceWeighting:
+        config = mct_fx.QuantConfig(mixed_precision=mct_fx.MixedPrecisionConfig(
+            n_images=8, distance_weighting=weighting, hessian=mct_fx.HessianConfig(max_iterations=10)))
+        qmodel = mct_fx.quantize(model, calib, "imx500", config, target=target, verbose=False)
+        mp = mct_fx.summary(qmodel).mixed_precision
+        assert mct_fx.resource_utilization(qmodel).weights_memory <= target.weights_memory
+        assert all(v["W2"] > v["W8"] for v in mp.sensitivity.values())
+        seen.append(tuple(round(v, 12) for s in mp.sensitivity.values() for v in s.values()))
+    assert len(set(seen)) == len(seen)
