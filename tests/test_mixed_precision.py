@@ -204,3 +204,93 @@ def test_distance_weightings_each_measure_differently():
         assert all(v["W2"] > v["W8"] for v in mp.sensitivity.values())
         seen.append(tuple(round(v, 12) for s in mp.sensitivity.values() for v in s.values()))
     assert len(set(seen)) == len(seen)
+
+
+def test_partial_rerun_equals_a_full_run():
+    """measure() re-runs only what a change reaches; applying the change and measuring gives the same."""
+    from mct_fx.mixed_precision.search import MixedPrecisionSearch, _LayerBiases, _Swap
+    from mct_fx.mixed_precision.sensitivity import SensitivityEvaluator
+    from mct_fx.passes import calibrate, freeze_quantizers
+
+    torch.manual_seed(0)
+    model = Stack().eval()
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    gm = mct_fx.prepare(model, calib[0])
+    search = MixedPrecisionSearch(gm, ResourceUtilization(weights_memory=1e9), mct_fx.QuantConfig())
+    calibrate(gm, [((x,), {}) for x in calib], verbose=False)
+    search.keep_histograms()
+    freeze_quantizers(gm, mct_fx.QuantConfig())
+    search._alternatives.build(mct_fx.QuantConfig())
+    evaluator = SensitivityEvaluator(gm, [((torch.cat(calib),), {})], chunk=4)
+    biases = _LayerBiases(gm, {}, mct_fx.QuantConfig())
+    changes = [_Swap(evaluator.probe, biases, e, i) for e in search.entries for i in range(1, len(e.candidates))]
+    partial = evaluator.measure(changes)
+    for change, expected in zip(changes, partial[1:], strict=True):
+        change.apply()
+        try:
+            full = evaluator.measure()[0]
+        finally:
+            change.revert()
+        assert full == pytest.approx(expected, rel=1e-6)
+    assert evaluator.measure()[0] == pytest.approx(partial[0], rel=1e-9)
+    assert len(set(partial)) == len(partial)  # every candidate moved the distance
+
+
+def _mixed_vs_uniform_four_bit(model, calib, evaluate):
+    """(mixed precision at the uniform-4-bit weights size, uniform W4A8), each scored by ``evaluate``."""
+    import compare
+
+    budget = compare.weight_budgets(model, calib[:1])[4]["mct_fx"]
+    batches = compare._batches(calib)
+    mixed = mct_fx.quantize(model, batches, "imx500", target=ResourceUtilization(weights_memory=budget),
+                            verbose=False)
+    uniform = mct_fx.quantize(model, batches, "imx500", mct_fx.QuantConfig(overrides=(
+        mct_fx.LayerOverride(op="Conv", weights_n_bits=4), mct_fx.LayerOverride(op="FullyConnected",
+                                                                                 weights_n_bits=4))),
+        verbose=False)
+    assert mct_fx.resource_utilization(mixed).weights_memory <= budget
+    assert mct_fx.resource_utilization(uniform).weights_memory == pytest.approx(budget)
+    return evaluate(mixed), evaluate(uniform)
+
+
+@pytest.mark.slow
+def test_fashion_mnist_resnet_mixed_beats_uniform_four_bit():
+    import assets
+    import train_fmnist
+
+    if not assets.fashion_mnist_available():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    model, _ = train_fmnist.load("fmnist_resnet")  # trains and caches it when missing (~10 min)
+    x, _ = assets.fashion_mnist("train")
+    xt, yt = assets.fashion_mnist("test")
+    calib = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:512]]
+
+    def accuracy(q):
+        with torch.no_grad():
+            return float((torch.cat([q(b) for b in xt.split(500)]).argmax(1) == yt).float().mean()) * 100
+
+    mixed, uniform = _mixed_vs_uniform_four_bit(model, calib, accuracy)
+    assert mixed > uniform + 1.0, (mixed, uniform)
+
+
+@pytest.mark.slow
+def test_imagenet_mobilenet_v2_mixed_beats_uniform_four_bit():
+    import torchvision
+
+    import assets
+
+    try:
+        assets.mobilenet_v2_weights()
+        calib, crops = assets.imagenet_fidelity_sets(256, 128)
+    except assets.MissingAsset as e:
+        pytest.skip(str(e))
+    model = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").eval()
+    with torch.no_grad():
+        ref = model(crops).argmax(1)
+
+    def agreement(q):
+        with torch.no_grad():
+            return float((q(crops).argmax(1) == ref).float().mean()) * 100
+
+    mixed, uniform = _mixed_vs_uniform_four_bit(model, calib, agreement)
+    assert mixed > uniform + 5.0, (mixed, uniform)

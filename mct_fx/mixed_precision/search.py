@@ -108,30 +108,41 @@ class MixedPrecisionSearch:
         evaluator = SensitivityEvaluator(self.gm, images, mp.distance_weighting, mp.output_distance, weights)
         biases = _LayerBiases(self.gm, input_means, self.config)
         try:
-            base = evaluator.distance()
-            total = sum(len(e.candidates) - 1 for e in self.entries)
-            bar = tqdm(total=total, desc="mixed precision", disable=not verbose, leave=False)
-            rows = []
-            for entry in self.entries:
-                row = [base]
-                for index in range(1, len(entry.candidates)):
-                    replaced = swap(evaluator.probe, entry, index)
-                    biases.use_candidate(entry, index)
-                    try:
-                        distance = evaluator.distance()
-                    finally:
-                        for name, module in replaced.items():
-                            setattr(evaluator.probe, name, module)
-                        biases.use_base(entry)
-                    if _fewer_bits(entry, index):  # never cheaper *and* better than the base: ties go to bits
-                        distance = max(distance, base * (1 + 1e-6) + 1e-12)
-                    row.append(distance)
-                    bar.update()
-                rows.append(row)
-            bar.close()
-            return rows
+            changes = [_Swap(evaluator.probe, biases, e, i) for e in self.entries for i in range(1, len(e.candidates))]
+            with tqdm(total=len(changes) * len(evaluator.images), desc="mixed precision", disable=not verbose,
+                      leave=False) as bar:
+                distances = evaluator.measure(changes, bar.update)
         finally:
             biases.restore()
+        base, rows, k = distances[0], [], 1
+        for entry in self.entries:
+            row = [base]
+            for index in range(1, len(entry.candidates)):
+                distance = distances[k]
+                k += 1
+                if _fewer_bits(entry, index):  # never cheaper *and* better than the base: ties go to bits
+                    distance = max(distance, base * (1 + 1e-6) + 1e-12)
+                row.append(distance)
+            rows.append(row)
+        return rows
+
+
+class _Swap:
+    """Candidate ``index`` of ``entry`` as a change the evaluator can apply and revert."""
+
+    def __init__(self, probe: fx.GraphModule, biases: _LayerBiases, entry: Configurable, index: int):
+        self.probe, self.biases, self.entry, self.index = probe, biases, entry, index
+        self.starts = tuple(f"{entry.node}_{kind}_quant" for kind in entry.quantizers.get(index, {}))
+        self._replaced: dict = {}
+
+    def apply(self) -> None:
+        self._replaced = swap(self.probe, self.entry, self.index)
+        self.biases.use_candidate(self.entry, self.index)
+
+    def revert(self) -> None:
+        for name, module in self._replaced.items():
+            setattr(self.probe, name, module)
+        self.biases.use_base(self.entry)
 
 
 def _fewer_bits(entry: Configurable, index: int) -> bool:
