@@ -255,8 +255,9 @@ def _mixed_vs_uniform_four_bit(model, calib, evaluate):
 
 @pytest.mark.slow
 def test_fashion_mnist_resnet_mixed_beats_uniform_four_bit():
-    import assets
     import train_fmnist
+
+    import assets
 
     if not assets.fashion_mnist_available():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
