@@ -295,3 +295,39 @@ def test_imagenet_mobilenet_v2_mixed_beats_uniform_four_bit():
 
     mixed, uniform = _mixed_vs_uniform_four_bit(model, calib, agreement)
     assert mixed > uniform + 5.0, (mixed, uniform)
+
+
+def test_overridden_bits_are_pinned():
+    torch.manual_seed(0)
+    model = Stack().eval()
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    costs, entries = _setup("imx500")
+    target = ResourceUtilization(weights_memory=_fraction(costs, entries, "weights_memory", 0.2))
+    config = mct_fx.QuantConfig(overrides=(mct_fx.LayerOverride(name="fc", weights_n_bits=8),),
+                                mixed_precision=mct_fx.MixedPrecisionConfig(n_images=8))
+    qmodel = mct_fx.quantize(model, calib, "imx500", config, target=target, verbose=False)
+    mp = mct_fx.summary(qmodel).mixed_precision
+    assert "fc" not in mp.bits and set(mp.bits) == {"c1", "c2", "c3"}
+    assert next(layer for layer in mct_fx.summary(qmodel).layers if layer.node == "fc").weights.startswith("8b")
+
+
+def test_activation_bits_are_chosen_and_applied():
+    """imx500_16bit: an activation budget between the 8-bit and the 16-bit sizes buys 16 bits where it helps most."""
+    torch.manual_seed(0)
+    model = Stack(deep=False).eval()
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    costs, entries = _setup("imx500_16bit")
+    base = costs.evaluate().activation_memory
+    all16 = costs.evaluate({e.node: next(c for c in e.candidates if c.activation_n_bits == 16 and (
+        not e.weights or c.kernel.n_bits == 8)) for e in entries if e.activation}).activation_memory
+    target = ResourceUtilization(activation_memory=(base + all16) / 2)
+    config = mct_fx.QuantConfig(mixed_precision=mct_fx.MixedPrecisionConfig(n_images=8))
+    qmodel = mct_fx.quantize(model, calib, "imx500_16bit", config, target=target, verbose=False)
+    mp = mct_fx.summary(qmodel).mixed_precision
+    assert mct_fx.resource_utilization(qmodel).activation_memory <= target.activation_memory
+    sixteen = [node for node, bits in mp.bits.items() if "A16" in bits]
+    assert sixteen and len(sixteen) < len([e for e in entries if e.activation])
+    for node in sixteen:
+        assert getattr(qmodel, f"{node}_act_quant").n_bits == 16
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(calib[0])).all()

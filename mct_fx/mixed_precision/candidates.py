@@ -5,7 +5,8 @@ the node itself quantizes: its kernel (a Conv/Linear layer's weights) and/or
 its output activation (only when the node's output is quantized: a node inside
 a fused group leaves that to the group's last node).  Candidates that differ
 only elsewhere collapse into one; activation widths that a consumer cannot read
-are dropped.  The target's ``base`` configuration is always a candidate and comes first.
+are dropped; bit-widths a manual override set stay as they are.  The node's
+current (base) configuration is always a candidate and comes first.
 """
 
 from __future__ import annotations
@@ -74,12 +75,14 @@ def _readable_by_consumers(node: fx.Node, bits: int) -> bool:
 def configurable_nodes(gm: fx.GraphModule) -> list[Configurable]:
     """The configurable nodes of a prepared ``gm`` (quantizers inserted), in graph order."""
     out = []
+    children = dict(gm.named_children())
     for node in gm.graph.nodes:
         ann = annotation(node)
         if ann is None or ann.options is None or len(ann.options.candidates) < 2 or ann.config is None:
             continue
-        weights = _kernel_quantized(gm, node) and ann.config.kernel.enabled
-        activation = ann.quantize_output and f"{node.name}_act_quant" in dict(gm.named_children())
+        weights = _kernel_quantized(gm, node) and ann.config.kernel.enabled and "weights" not in ann.pinned
+        activation = (ann.quantize_output and f"{node.name}_act_quant" in children
+                      and "activation" not in ann.pinned)
         if not (weights or activation):
             continue
         entry = Configurable(node.name, [], weights, activation)

@@ -3,7 +3,8 @@
 Runs on the annotations (after :func:`mct_fx.tpc.matching.annotate`, before
 quantizers are inserted).  Each :class:`~mct_fx.config.LayerOverride` selects
 nodes by name (node name or module path, ``fnmatch`` wildcards) and/or by
-operator set; later overrides win.  Bit-widths must be a candidate the target
+operator set; later overrides win; bit-widths (and schemes) set here are pinned:
+mixed precision does not change them.  Bit-widths must be a candidate the target
 offers for that node (16-bit activations need a target such as
 ``imx500_16bit``); the activation settings of a node inside a fused group go to
 the group's output, which is where its activation is quantized.  Every problem
@@ -72,6 +73,7 @@ def apply_overrides(gm: fx.GraphModule, overrides: tuple[LayerOverride, ...]) ->
     nodes = {n.name: n for n in gm.graph.nodes}
     configs: dict[str, OpQuantConfig] = {}
     errors: dict[str, dict] = {}
+    pinned: dict[str, set] = {}
     for override in overrides:
         hits = [n for n in gm.graph.nodes if annotation(n) is not None and annotation(n).options is not None
                 and _selects(override, n, annotation(n))]
@@ -81,6 +83,8 @@ def apply_overrides(gm: fx.GraphModule, overrides: tuple[LayerOverride, ...]) ->
             ann = annotation(node)
             current = configs.get(node.name, ann.config)
             configs[node.name] = _candidate(node, current, override, None, override.weights_n_bits)
+            if override.weights_n_bits is not None:
+                pinned.setdefault(node.name, set()).add("weights")
             if override.weights_error_method is not None:
                 errors.setdefault(node.name, {})["weights"] = override.weights_error_method
             # activation settings belong to the node whose output is quantized
@@ -89,6 +93,8 @@ def apply_overrides(gm: fx.GraphModule, overrides: tuple[LayerOverride, ...]) ->
                                     override.activation_n_bits, None)
             if override.activation_method is not None:
                 out_config = replace(out_config, activation_method=override.activation_method)
+            if override.activation_n_bits is not None or override.activation_method is not None:
+                pinned.setdefault(out.name, set()).add("activation")
             configs[out.name] = out_config
             if override.activation_error_method is not None:
                 errors.setdefault(out.name, {})["activation"] = override.activation_error_method
@@ -96,6 +102,8 @@ def apply_overrides(gm: fx.GraphModule, overrides: tuple[LayerOverride, ...]) ->
         annotation(nodes[name]).config = config
     for name, methods in errors.items():
         annotation(nodes[name]).error_methods.update(methods)
+    for name, kinds in pinned.items():
+        annotation(nodes[name]).pinned.update(kinds)
     _check_consumers(gm)
 
 

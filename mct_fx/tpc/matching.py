@@ -32,6 +32,8 @@ class Annotation:
     fused_into: str | None = None  # set on inner nodes of a fused group: the group's last node
     # per-node error methods ("activation" / "weights" -> ErrorMethod) from manual overrides
     error_methods: dict = field(default_factory=dict)
+    # bit-widths set by a manual override ("activation" / "weights"): mixed precision leaves them alone
+    pinned: set = field(default_factory=set)
 
     @property
     def quantize_output(self) -> bool:
