@@ -33,7 +33,7 @@ from mct_fx.tpc.schema import OpQuantConfig, TargetPlatformCapabilities
 from mct_fx.tpc.vocabulary import LINEAR_OPS
 
 __all__ = ["ResourceUtilization", "CostModel", "resource_utilization", "float_weights_memory", "weight_bits",
-           "activation_bits"]
+           "activation_bits", "tensor_metas", "per_sample_numel", "example_batch_size"]
 
 FLOAT_BITS = 32
 # ops whose output is a view of their (first) input: no storage of their own
@@ -114,7 +114,7 @@ class CostModel:
         self.gm = gm
         self.order = [n for n in gm.graph.nodes]
         self._index = {n: i for i, n in enumerate(self.order)}
-        self.batch = _batch_size(gm)
+        self.batch = example_batch_size(gm)
         self.weights = self._weight_terms()
         self.tensors = self._tensor_terms()
         self.layers = self._layer_terms()
@@ -209,7 +209,7 @@ class CostModel:
                 continue
             if ann.fused_into is not None or ann.op in VIEW_OPS or self._storage(node) is not node:
                 continue
-            numel = sum(_per_sample(tm, self.batch) for tm in _tensor_metas(node.meta.get("tensor_meta")))
+            numel = sum(per_sample_numel(tm, self.batch) for tm in tensor_metas(node.meta.get("tensor_meta")))
             if numel == 0 or node not in last_read:
                 continue
             terms.append(TensorTerm(numel, self._bits_node(node), self._index[node], last_read[node]))
@@ -226,32 +226,32 @@ class CostModel:
             if weight is None or not isinstance(x, fx.Node):
                 continue
             if node.target in TRANSPOSED_CONVS:
-                macs = _per_sample(x.meta.get("tensor_meta"), self.batch) * weight.numel() // weight.shape[0]
+                macs = per_sample_numel(x.meta.get("tensor_meta"), self.batch) * weight.numel() // weight.shape[0]
             elif ann.op == "FullyConnected":
-                macs = _per_sample(node.meta.get("tensor_meta"), self.batch) * weight.shape[-1]
+                macs = per_sample_numel(node.meta.get("tensor_meta"), self.batch) * weight.shape[-1]
             else:
-                macs = _per_sample(node.meta.get("tensor_meta"), self.batch) * weight.numel() // weight.shape[0]
+                macs = per_sample_numel(node.meta.get("tensor_meta"), self.batch) * weight.numel() // weight.shape[0]
             terms.append(LayerTerm(node.name, int(macs), self._bits_node(self._storage(x))))
         return terms
 
 
 def produces_tensor(node: fx.Node) -> bool:
-    return any(True for _ in _tensor_metas(node.meta.get("tensor_meta")))
+    return any(True for _ in tensor_metas(node.meta.get("tensor_meta")))
 
 
-def _tensor_metas(meta: object):
+def tensor_metas(meta: object):
     if hasattr(meta, "dtype") and hasattr(meta, "shape"):
         if meta.dtype.is_floating_point:
             yield meta
     elif isinstance(meta, (tuple, list)):
         for m in meta:
-            yield from _tensor_metas(m)
+            yield from tensor_metas(m)
     elif isinstance(meta, dict):
         for m in meta.values():
-            yield from _tensor_metas(m)
+            yield from tensor_metas(m)
 
 
-def _batch_size(gm: fx.GraphModule) -> int:
+def example_batch_size(gm: fx.GraphModule) -> int:
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             tm = node.meta.get("tensor_meta")
@@ -260,7 +260,7 @@ def _batch_size(gm: fx.GraphModule) -> int:
     return 1
 
 
-def _per_sample(tm: object, batch: int) -> int:
+def per_sample_numel(tm: object, batch: int) -> int:
     if not hasattr(tm, "shape"):
         return 0
     numel = math.prod(tm.shape)

@@ -25,6 +25,7 @@ from mct_fx.data import ModelInputs
 from mct_fx.mixed_precision.config import DistanceWeighting, OutputDistance
 from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
 from mct_fx.quantizers.modules import quantizers_off
+from mct_fx.resources import example_batch_size, per_sample_numel, tensor_metas
 from mct_fx.tpc.matching import annotation
 from mct_fx.tpc.vocabulary import LINEAR_OPS
 
@@ -104,16 +105,17 @@ class Change(Protocol):
 class SensitivityEvaluator:
     """Distances from the float model of the quantized ``gm`` and of one-node changes of it, on fixed images.
 
-    ``measure`` runs the base model once per chunk of images, keeping every
-    node's value, and for each change re-runs only the nodes downstream of the
-    quantizers it swaps (about half the graph on average), re-measuring only
+    ``measure`` runs the base model once per chunk of images (as many as keep
+    every node value within 768 MiB), keeping every node's value, and for each
+    change re-runs only the nodes downstream of the quantizers it swaps (about
+    half the graph on average), re-measuring only
     the interest points it can reach.
     """
 
     def __init__(self, gm: fx.GraphModule, images: Sequence[ModelInputs],
                  weighting: DistanceWeighting = DistanceWeighting.AVG,
                  output_distance: OutputDistance = OutputDistance.AUTO,
-                 hessian_weights: dict[str, float] | None = None, chunk: int = 8):
+                 hessian_weights: dict[str, float] | None = None, chunk: int | None = None):
         self.weighting = DistanceWeighting(weighting)
         self.points = interest_points(gm)
         graph = fx.Graph()
@@ -132,6 +134,7 @@ class SensitivityEvaluator:
             if hessian_weights is None:
                 raise ValueError("Hessian distance weighting needs the interest points' Hessian traces")
             self.point_weights = torch.tensor([hessian_weights[p.name] for p in self.points])
+        chunk = chunk or _chunk_size(self.probe)
         self.images = [c for args, kwargs in images for c in _chunks(args, kwargs, chunk)]
         self.n_images = sum(_lead(c) for c in self.images)
         self._by_target = {n.target: n for n in self.probe.graph.nodes if n.op == "call_module"}
@@ -227,6 +230,14 @@ class SensitivityEvaluator:
                 stack.extend(node.users)
             self._dirty[starts] = sorted(seen, key=self._order.__getitem__)
         return self._dirty[starts]
+
+
+def _chunk_size(gm: fx.GraphModule, budget_bytes: float = 3 * 2**28) -> int:
+    """Images per chunk so that every node value of a chunk (kept while candidates re-run) fits in ``budget_bytes``."""
+    batch = example_batch_size(gm)
+    per_image = sum(per_sample_numel(tm, batch) for n in gm.graph.nodes
+                    for tm in tensor_metas(n.meta.get("tensor_meta")))
+    return int(min(64, max(1, budget_bytes // max(4 * per_image, 1))))
 
 
 def _lead(values: list) -> int:
