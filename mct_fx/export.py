@@ -33,7 +33,7 @@ from torch import Tensor, fx, nn
 from mct_fx.graph_utils import attr_value
 from mct_fx.kernels import dequantize, fake_quant
 from mct_fx.kernels import quantize as quantize_codes
-from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
+from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer, quantizers_off
 
 __all__ = ["export_onnx", "ExportError", "ExportResult"]
 
@@ -238,16 +238,8 @@ def _output_step(gm: fx.GraphModule, steps: dict[str, float]) -> float | None:
 
 def _float_outputs(qmodel: fx.GraphModule, inputs: tuple[Tensor, ...]) -> list[Tensor]:
     """The outputs with every quantizer off (the float model, BN folded); the modes are restored."""
-    quantizers = [m for m in qmodel.modules() if isinstance(m, FakeQuantizer)]
-    modes = [q.mode for q in quantizers]
-    try:
-        for q in quantizers:
-            q.mode = "off"
-        with torch.no_grad():
-            return [t.float() for t in torch.utils._pytree.tree_leaves(qmodel(*inputs))]
-    finally:
-        for q, mode in zip(quantizers, modes, strict=True):
-            q.mode = mode
+    with torch.no_grad(), quantizers_off(qmodel):
+        return [t.float() for t in torch.utils._pytree.tree_leaves(qmodel(*inputs))]
 
 
 def export_onnx(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, ...], path: str | os.PathLike,

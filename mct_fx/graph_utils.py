@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 __all__ = ["attr_value", "model_device", "quantizer_nodes", "groups_of", "TRANSPOSED_CONVS", "owned_param",
-           "set_param", "set_layer_bias", "param_source"]
+           "set_param", "set_layer_bias", "param_source", "placeholder_values"]
 
 TRANSPOSED_CONVS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
@@ -88,3 +88,9 @@ def set_layer_bias(gm: fx.GraphModule, layer: fx.Node, value: torch.Tensor) -> N
     set_param(gm, name, value.to(weight.dtype), weight)
     with gm.graph.inserting_before(layer):
         layer.update_arg(2, gm.graph.get_attr(name))
+
+
+def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """``args`` then ``kwargs`` in the order of ``gm``'s placeholders (for running it positionally)."""
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    return list(args) + [kwargs[p] for p in names[len(args):] if p in kwargs]

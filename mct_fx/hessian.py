@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx
+from torch.utils._pytree import tree_leaves
 
 from mct_fx.data import ModelInputs, iter_batches, to_device
-from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, model_device, param_source
+from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, model_device, param_source, placeholder_values
 from mct_fx.tpc.vocabulary import LINEAR_OPS, op_name
 
 __all__ = ["Granularity", "HessianConfig", "HessianService", "normalized_traces"]
@@ -136,8 +137,9 @@ class HessianService:
         try:
             with torch.enable_grad():
                 probes = _Probe(self.gm, set(names) if kind == "activation" else set())
-                out = probes.run(*args, **kwargs) if not kwargs else _run_kwargs(probes, args, kwargs)
-                outputs = [t for t in _tensors(out) if t.requires_grad]
+                out = probes.run(*placeholder_values(self.gm, args, kwargs))
+                outputs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()
+                           and t.requires_grad]
                 if not outputs:
                     raise RuntimeError("Hessian: the model output does not depend on the requested tensors")
                 targets = [probes.leaves[n] for n in names] if kind == "activation" else [weights[n] for n in names]
@@ -182,22 +184,6 @@ def _reduce(diag: Tensor, kind: str, granularity: Granularity, axis: int) -> Ten
     if granularity is Granularity.PER_TENSOR or diag.dim() == 0:
         return diag.sum()
     return diag.movedim(axis, 0).reshape(diag.shape[axis], -1).sum(1)
-
-
-def _tensors(out: object) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _tensors(o)]
-    return []
-
-
-def _run_kwargs(interp: fx.Interpreter, args: tuple, kwargs: dict) -> object:
-    placeholders = [n.target for n in interp.module.graph.nodes if n.op == "placeholder"]
-    values = list(args) + [kwargs[p] for p in placeholders[len(args):] if p in kwargs]
-    return interp.run(*values)
 
 
 class _Probe(fx.Interpreter):

@@ -20,8 +20,10 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, fx
+from torch.utils._pytree import tree_leaves
 
 from mct_fx.data import ModelInputs
+from mct_fx.graph_utils import placeholder_values
 from mct_fx.mixed_precision.config import DistanceWeighting, OutputDistance
 from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
 from mct_fx.quantizers.modules import quantizers_off
@@ -62,14 +64,6 @@ def _storage_op(node: object) -> str | None:
         else:
             return ann.op if ann is not None else None
     return None
-
-
-def _flatten_outputs(value: object) -> list:
-    if isinstance(value, (tuple, list)):
-        return [v for item in value for v in _flatten_outputs(item)]
-    if isinstance(value, dict):
-        return [v for item in value.values() for v in _flatten_outputs(item)]
-    return [value]
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -121,12 +115,12 @@ class SensitivityEvaluator:
         graph = fx.Graph()
         values: dict[fx.Node, fx.Node] = {}
         out = graph.graph_copy(gm.graph, values)
-        outputs = _flatten_outputs(out)
+        outputs = tree_leaves(out)
         graph.output((*outputs, *[values[p] for p in self.points]))
         self.probe = fx.GraphModule(gm, graph)  # shares gm's submodules: swapping them on the probe is local
-        self.returned = _flatten_outputs(next(n for n in self.probe.graph.nodes if n.op == "output").args[0])
+        self.returned = tree_leaves(next(n for n in self.probe.graph.nodes if n.op == "output").args[0])
         kind = OutputDistance(output_distance)
-        original_outputs = _flatten_outputs(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+        original_outputs = tree_leaves(next(n for n in gm.graph.nodes if n.op == "output").args[0])
         self.fns = [_DISTANCES[kind if kind is not OutputDistance.AUTO else _auto_kind(o)]
                     for o in original_outputs] + [_nmse] * len(self.points)
         self.n_outputs = len(original_outputs)
@@ -135,7 +129,8 @@ class SensitivityEvaluator:
                 raise ValueError("Hessian distance weighting needs the interest points' Hessian traces")
             self.point_weights = torch.tensor([hessian_weights[p.name] for p in self.points])
         chunk = chunk or _chunk_size(self.probe)
-        self.images = [c for args, kwargs in images for c in _chunks(args, kwargs, chunk)]
+        self.images = [c for args, kwargs in images for c in _chunks(placeholder_values(self.probe, args, kwargs),
+                                                                     bool(kwargs), chunk)]
         self.n_images = sum(_lead(c) for c in self.images)
         self._by_target = {n.target: n for n in self.probe.graph.nodes if n.op == "call_module"}
         self._order = {n: i for i, n in enumerate(self.probe.graph.nodes)}
@@ -244,14 +239,12 @@ def _lead(values: list) -> int:
     return next((int(a.shape[0]) for a in values if isinstance(a, Tensor) and a.dim() > 0), 1)
 
 
-def _chunks(args: tuple, kwargs: dict, size: int) -> list[list]:
-    """Positional inputs for the probe, in chunks of at most ``size`` samples."""
-    if kwargs:
-        return [[*args, *kwargs.values()]]  # named inputs: one chunk, in placeholder order
-    lead = next((a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
-    if lead is None or lead <= size:
-        return [list(args)]
-    return [[a[i:i + size] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == lead else a for a in args]
+def _chunks(values: list, named: bool, size: int) -> list[list]:
+    """Positional inputs for the probe, in chunks of at most ``size`` samples (named inputs: one chunk)."""
+    lead = next((a.shape[0] for a in values if isinstance(a, Tensor) and a.dim() > 0), None)
+    if named or lead is None or lead <= size:
+        return [values]
+    return [[a[i:i + size] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == lead else a for a in values]
             for i in range(0, lead, size)]
 
 

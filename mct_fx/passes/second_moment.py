@@ -20,7 +20,6 @@ are corrected; transposed convs and per-tensor grids are left as they are.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from torch import Tensor, fx, nn
 
 from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, param_source, set_layer_bias, set_param
 from mct_fx.passes.layer_inputs import quantized_layers
-from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
+from mct_fx.quantizers.modules import WeightQuantizer, quantizers_off
 
 __all__ = ["correct_second_moments", "MAX_RATIO"]
 
@@ -66,18 +65,6 @@ class _OutputMoments(nn.Module):
         return mf, vf, mq, vq
 
 
-@contextmanager
-def _quantizers_off(gm: fx.GraphModule):
-    modes = {name: m.mode for name, m in gm.named_modules() if isinstance(m, FakeQuantizer)}
-    for name in modes:
-        gm.get_submodule(name).mode = "off"
-    try:
-        yield
-    finally:
-        for name, mode in modes.items():
-            gm.get_submodule(name).mode = mode
-
-
 def correct_second_moments(gm: fx.GraphModule, batches: Iterable[tuple[tuple, dict]]) -> int:
     """Correct every eligible layer from ``batches`` of ``(args, kwargs)``; returns how many layers changed.
 
@@ -103,7 +90,7 @@ def correct_second_moments(gm: fx.GraphModule, batches: Iterable[tuple[tuple, di
         return 0
     gm.recompile()
     try:
-        with _quantizers_off(gm), torch.no_grad():
+        with quantizers_off(gm), torch.no_grad():
             for args, kwargs in batches:
                 gm(*args, **kwargs)
     finally:
