@@ -63,6 +63,15 @@ def _mct_fx_mp(model, job, size_bits: int):
     return mct_fx.quantize(model, _batches(job["calib"]), "imx500", target=budget, verbose=False)
 
 
+def _mct_fx_gptq(model, job):
+    import mct_fx
+    from mct_fx.tpc.derive import with_bits
+
+    tpc = with_bits(mct_fx.get_tpc("imx500"), weights=4)
+    images = job["calib"][:job["gptq"]["images"]]
+    return mct_fx.gptq(model, _batches(images), tpc, mct_fx.GPTQConfig(epochs=job["gptq"]["epochs"]), verbose=False)
+
+
 def _mct_tpc():
     import model_compression_toolkit as mct
 
@@ -77,22 +86,38 @@ def _mct_gen(calib):
     return gen
 
 
+def _mct_weight_bits(model, weight_bits: int) -> dict:
+    """MCT's ``core_config`` argument putting every conv / linear kernel at ``weight_bits`` (manual bit-widths)."""
+    import model_compression_toolkit as mct
+
+    if weight_bits == 8:
+        return {}
+    from model_compression_toolkit.core.common.network_editors.node_filters import NodeTypeFilter
+
+    bwc = mct.core.BitWidthConfig()
+    present = {type(m) for m in model.modules()}  # MCT rejects a filter that matches no node
+    layers = [NodeTypeFilter(t) for t in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)
+              if t in present]
+    bwc.set_manual_weights_bit_width(layers, weight_bits, "weight")
+    return {"core_config": mct.core.CoreConfig(bit_width_config=bwc)}
+
+
 def _mct_ptq(model, job, weight_bits: int = 8):
     import model_compression_toolkit as mct
 
-    core_config = None
-    if weight_bits != 8:  # every conv / linear kernel at weight_bits (MCT's manual bit-width selection)
-        from model_compression_toolkit.core.common.network_editors.node_filters import NodeTypeFilter
-
-        bwc = mct.core.BitWidthConfig()
-        present = {type(m) for m in model.modules()}  # MCT rejects a filter that matches no node
-        layers = [NodeTypeFilter(t) for t in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)
-                  if t in present]
-        bwc.set_manual_weights_bit_width(layers, weight_bits, "weight")
-        core_config = mct.core.CoreConfig(bit_width_config=bwc)
-    kwargs = {"core_config": core_config} if core_config is not None else {}
     q, _ = mct.ptq.pytorch_post_training_quantization(model, _mct_gen(job["calib"]),
-                                                      target_platform_capabilities=_mct_tpc(), **kwargs)
+                                                      target_platform_capabilities=_mct_tpc(),
+                                                      **_mct_weight_bits(model, weight_bits))
+    return q
+
+
+def _mct_gptq(model, job):
+    import model_compression_toolkit as mct
+
+    images = job["calib"][:job["gptq"]["images"]]
+    q, _ = mct.gptq.pytorch_gradient_post_training_quantization(
+        model, _mct_gen(images), gptq_config=mct.gptq.get_pytorch_gptq_config(n_epochs=job["gptq"]["epochs"]),
+        target_platform_capabilities=_mct_tpc(), **_mct_weight_bits(model, 4))
     return q
 
 
@@ -152,6 +177,8 @@ METHODS = {m.name: m for m in (
     Method("MCT MP 4-bit size", "MP W8/4/2 A8", "mct", lambda model, job: _mct_mp(model, job, 4)),
     Method("mct_fx MP 3-bit size", "MP W8/4/2 A8", "ours", lambda model, job: _mct_fx_mp(model, job, 3)),
     Method("MCT MP 3-bit size", "MP W8/4/2 A8", "mct", lambda model, job: _mct_mp(model, job, 3)),
+    Method("mct_fx GPTQ W4A8", "W4A8", "ours", _mct_fx_gptq),
+    Method("MCT GPTQ W4A8", "W4A8", "mct", _mct_gptq),
 )}
 
 
@@ -245,6 +272,10 @@ def run_model(model_name: str, methods: list[str], args) -> dict:
         float_logits = {k: torch.cat([model(b) for b in _batches(x, 100)]) for k, x in data["eval"].items()}
     result = {"model": model_name, "n_calib": len(data["calib"]), "float": _quality(float_logits, float_logits, labels),
               "methods": {}}
+    small = model_name != "mobilenet_v2"
+    data["gptq"] = {"images": args.gptq_images or (len(data["calib"]) if small else 32),
+                    "epochs": args.gptq_epochs or (5 if small else 1)}
+    result["gptq"] = data["gptq"]
     if any(m.startswith("mct_fx MP") or m.startswith("MCT MP") for m in methods):
         data["budgets"] = weight_budgets(model, data["calib"][:1])
         result["budgets"] = data["budgets"]
@@ -373,6 +404,16 @@ def targets(result: dict) -> list[str]:
                                               f"MCT's / 3 = {mct_search / 3:.1f} s")
         if b == 4 and key in ours4:
             check(mp[key] > ours4[key], f"MP at the 4-bit size {mp[key]:.2f} > uniform W4A8 {ours4[key]:.2f}")
+    gptq, mct_gptq = result["methods"].get("mct_fx GPTQ W4A8", {}), result["methods"].get("MCT GPTQ W4A8", {})
+    if key in gptq and key in mct_gptq:  # issue 8: quality >= MCT's, time <= 1/10, memory <= MCT's
+        setup = f"{result['gptq']['images']} images, {result['gptq']['epochs']} epoch(s)"
+        check(gptq[key] >= mct_gptq[key], f"GPTQ W4A8 ({setup}): {gptq[key]:.2f} >= MCT's {mct_gptq[key]:.2f}")
+        check(gptq["seconds"] <= mct_gptq["seconds"] / 10,
+              f"GPTQ time {gptq['seconds']:.1f} s <= MCT's / 10 = {mct_gptq['seconds'] / 10:.1f} s")
+        check(gptq["peak_rss_mb"] <= mct_gptq["peak_rss_mb"],
+              f"GPTQ peak RSS {gptq['peak_rss_mb']:.0f} MB <= MCT's {mct_gptq['peak_rss_mb']:.0f} MB")
+    if key in gptq and key in ours4:
+        check(gptq[key] > ours4[key], f"GPTQ W4A8 {gptq[key]:.2f} > PTQ W4A8 {ours4[key]:.2f}")
     return out
 
 
@@ -383,6 +424,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per method; times are medians")
     parser.add_argument("--n-calib", type=int, default=512)
     parser.add_argument("--mct-python", default=os.environ.get("MCT_PYTHON"))
+    parser.add_argument("--gptq-images", type=int, default=None,
+                        help="GPTQ rows: calibration images (default: all on Fashion-MNIST, 32 on MobileNetV2)")
+    parser.add_argument("--gptq-epochs", type=int, default=None,
+                        help="GPTQ rows: epochs (default: 5 on Fashion-MNIST, 1 on MobileNetV2)")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--readme", action="store_true", help="also put the tables into README.md's Results section")
     args = parser.parse_args()

@@ -4,11 +4,13 @@ from mct_fx import tpc
 from mct_fx.config import LayerOverride, QuantConfig
 from mct_fx.data import CalibrationError
 from mct_fx.export import ExportError, ExportResult, export_onnx
+from mct_fx.gptq import GPTQConfig, GPTQReport, LossWeighting, Rounding, gptq
 from mct_fx.hessian import Granularity, HessianConfig, HessianService
 from mct_fx.kernels import backend
 from mct_fx.mixed_precision import DistanceWeighting, MixedPrecisionConfig, OutputDistance
 from mct_fx.mixed_precision.solver import MixedPrecisionError
 from mct_fx.ptq import prepare, quantize, summary
+from mct_fx.qat import QATConfig, QATMethod, qat_finalize, qat_prepare
 from mct_fx.quantizers import ActivationQuantizer, ErrorMethod, QuantMethod, WeightQuantizer
 from mct_fx.resources import ResourceUtilization, resource_utilization
 from mct_fx.tpc import Signedness, TargetPlatformCapabilities, TPCError, get_tpc, load_tpc, save_tpc
@@ -22,5 +24,6 @@ __all__ = [
     "ActivationQuantizer", "WeightQuantizer", "TargetPlatformCapabilities", "get_tpc", "load_tpc", "save_tpc",
     "TraceError", "CalibrationError", "TPCError", "backend", "tpc", "export_onnx", "ExportError", "ExportResult",
     "ResourceUtilization", "resource_utilization", "MixedPrecisionConfig", "MixedPrecisionError", "DistanceWeighting",
-    "OutputDistance", "HessianService", "HessianConfig", "Granularity",
+    "OutputDistance", "HessianService", "HessianConfig", "Granularity", "gptq", "GPTQConfig", "GPTQReport",
+    "Rounding", "LossWeighting", "qat_prepare", "qat_finalize", "QATConfig", "QATMethod",
 ]

@@ -8,13 +8,15 @@ index.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["CalibrationError", "ModelInputs", "split_batch", "iter_batches", "to_device", "batch_size", "take_images"]
+__all__ = ["CalibrationError", "ModelInputs", "split_batch", "iter_batches", "to_device", "batch_size", "take_images",
+           "rebatch"]
 
 ModelInputs = tuple[tuple, dict]
 
@@ -107,4 +109,37 @@ def take_images(batches: list[ModelInputs], n: int) -> list[ModelInputs]:
             inputs = tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
         out.append(inputs)
         count += min(size, keep)
+    return out
+
+
+def rebatch(batches: list[ModelInputs], size: int) -> list[ModelInputs]:
+    """The same samples in batches of ``size`` (tensors with the batch's leading size are split / joined;
+    other inputs must be the same in every batch)."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    if all(batch_size(b) == size for b in batches[:-1]) and batch_size(batches[-1]) <= size:
+        return list(batches)
+    args0, kwargs0 = batches[0]
+    keys = [("arg", i) for i in range(len(args0))] + [("kw", k) for k in kwargs0]
+
+    def get(inputs: ModelInputs, key: tuple) -> Any:
+        return inputs[0][key[1]] if key[0] == "arg" else inputs[1][key[1]]
+
+    def batched(v: Any, n: int) -> bool:
+        return isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n
+
+    columns = {}
+    for key in keys:
+        values = [(get(b, key), batch_size(b)) for b in batches]
+        if all(batched(v, n) for v, n in values):
+            columns[key] = torch.cat([v for v, _ in values]).split(size)
+        elif all(v is values[0][0] for v, _ in values):
+            columns[key] = None
+        else:
+            raise ValueError(f"cannot re-batch input {key[1]!r}: it is neither batched nor the same in every batch")
+    total = sum(batch_size(b) for b in batches)
+    out = []
+    for j in range(math.ceil(total / size)):
+        pick = {key: (col[j] if col is not None else get(batches[0], key)) for key, col in columns.items()}
+        out.append((tuple(pick[("arg", i)] for i in range(len(args0))), {k: pick[("kw", k)] for k in kwargs0}))
     return out

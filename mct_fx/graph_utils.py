@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 __all__ = ["attr_value", "model_device", "quantizer_nodes", "groups_of", "TRANSPOSED_CONVS", "owned_param",
-           "set_param", "set_layer_bias", "param_source", "placeholder_values"]
+           "set_param", "set_layer_bias", "param_source", "placeholder_values", "with_outputs", "replace_module"]
 
 TRANSPOSED_CONVS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
@@ -94,3 +94,30 @@ def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     """``args`` then ``kwargs`` in the order of ``gm``'s placeholders (for running it positionally)."""
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     return list(args) + [kwargs[p] for p in names[len(args):] if p in kwargs]
+
+
+def with_outputs(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """A GraphModule sharing ``gm``'s modules that returns the values of the nodes ``names`` (a tuple), and
+    computes nothing else."""
+    graph = fx.Graph()
+    values: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(gm.graph, values)
+    by_name = {n.name: values[n] for n in gm.graph.nodes if n in values}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise KeyError(f"no node named {missing[0]!r} in the graph")
+    graph.output(tuple(by_name[n] for n in names))
+    probe = fx.GraphModule(gm, graph)
+    probe.graph.eliminate_dead_code()
+    probe.recompile()
+    probe.meta.update(gm.meta)
+    return probe
+
+
+def replace_module(gm: nn.Module, target: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``target`` (a dotted path); returns the module it replaces."""
+    owner_name, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_name)
+    old = getattr(owner, attr)
+    setattr(owner, attr, module)
+    return old

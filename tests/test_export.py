@@ -119,7 +119,7 @@ def test_narrow_grids_are_clipped(tmp_path):
     qmodel, x = _quantized("resnet18", with_bits(mct_fx.get_tpc("imx500"), weights=4))
     for q in _frozen(qmodel, ActivationQuantizer):  # no built-in target has 4-bit activations: regrid them
         q.n_bits = 4
-        q._set_grid(q.scale * 16, q.zero_point)
+        q.set_grid(q.scale * 16, q.zero_point)
     result = export_onnx(qmodel, x, tmp_path / "m4.onnx")
     assert _ops(result.path)["Clip"] >= len(_frozen(qmodel, ActivationQuantizer))
     assert result.agreement.faithful

@@ -143,7 +143,7 @@ class LutWeightQuantizer(WeightQuantizer):
         threshold = _threshold(rows.abs().amax(1), self.method)
         mass = None if importance is None else self._rows(importance.detach().to(w.device))
         self.centers = lut_centers(rows / threshold[:, None], mass, self.n_bits, signed=True).to(self.scale.device)
-        self._set_grid(threshold, torch.zeros_like(threshold))
+        self.set_grid(threshold, torch.zeros_like(threshold))
 
     def grid_range(self) -> tuple[Tensor, Tensor]:
         return self.centers.amin(-1) * self.scale, self.centers.amax(-1) * self.scale
@@ -183,7 +183,7 @@ class LutActivationQuantizer(ActivationQuantizer):
         threshold = _threshold(torch.maximum(lo.abs(), hi.abs()) if self.signed else hi.clamp(min=0), self.method)
         normalised = torch.clamp(centres / threshold, -1.0 if self.signed else 0.0, 1.0)
         self.centers = lut_centers(normalised, counts, self.n_bits, bool(self.signed)).to(self.scale.device)
-        self._set_grid(threshold.reshape(()), torch.zeros(()))
+        self.set_grid(threshold.reshape(()), torch.zeros(()))
         self.observer = StreamingHistogram()
 
     grid_range = LutWeightQuantizer.grid_range

@@ -6,7 +6,9 @@ settings (mode, bits, signedness, integer range) in ``extra_state``, so
 prepared one reproduces it bit for bit.
 
 Modes: ``observe`` (pass through, collect statistics), ``frozen`` (fake
-quantize with the stored grid), ``off`` (pass through).
+quantize with the stored grid), ``off`` (pass through).  Frozen quantizers pass
+straight-through gradients to their input (QAT's STE); :meth:`FakeQuantizer.learn_grid`
+makes the grid itself trainable (LSQ), same ``state_dict`` keys.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from mct_fx.kernels import fake_quant
 from mct_fx.quantizers.histogram import StreamingHistogram, z_score_filter
 from mct_fx.quantizers.params import QuantMethod, int_range, shift_negative_params
 from mct_fx.quantizers.search import ErrorMethod, search_params, search_shifted
+from mct_fx.quantizers.trainable import scale_grad, ste_round
 
 __all__ = ["FakeQuantizer", "ActivationQuantizer", "WeightQuantizer", "MODES", "quantizers_off"]
 
@@ -58,7 +61,58 @@ class FakeQuantizer(nn.Module):
             raise RuntimeError("this quantizer has no grid yet: call freeze(...) or load a calibrated state_dict")
         self.mode = mode
 
-    def _set_grid(self, scale: Tensor, zero_point: Tensor) -> None:
+    @property
+    def learning(self) -> bool:
+        """The grid is being trained (LSQ), see :meth:`learn_grid`."""
+        return isinstance(self.scale, nn.Parameter)
+
+    def learn_grid(self, enable: bool = True) -> None:
+        """LSQ: make the scale (and an asymmetric grid's zero point) trainable parameters; ``False`` fixes them.
+
+        While learned, the forward scales their gradients by ``1/sqrt(elements per
+        channel * qmax)`` (LSQ), keeps a power-of-two scale a power of two
+        (rounded in log2, straight-through) and the zero point an integer; fixing
+        stores exactly those effective values, so the fixed grid gives the same output.
+        """
+        if not self.affine:
+            raise TypeError(f"{type(self).__name__}: a look-up-table grid has no scale to learn")
+        if enable == self.learning:
+            return
+        if enable:
+            if not self.calibrated:
+                raise RuntimeError("this quantizer has no grid yet: freeze it before learning it")
+            scale, zero_point = self.scale, self.zero_point
+            del self.scale, self.zero_point
+            self.scale = nn.Parameter(scale.clone())
+            if self.method is QuantMethod.UNIFORM:
+                self.zero_point = nn.Parameter(zero_point.clone())
+            else:
+                self.register_buffer("zero_point", zero_point)
+            return
+        with torch.no_grad():
+            scale, zero_point = self._effective_grid(None)
+        del self.scale, self.zero_point
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("zero_point", zero_point.detach().clone())
+
+    def _effective_grid(self, x: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Scale and zero point as the forward uses them (LSQ transforms while learning)."""
+        if not self.learning:
+            return self.scale, self.zero_point
+        per_channel = 1 if x is None else max(1, x.numel() // self.scale.numel())
+        g = 1.0 / math.sqrt(per_channel * max(self.qmax, 1))
+        scale = scale_grad(self.scale, g).clamp_min(torch.finfo(torch.float32).tiny)
+        if self.method is QuantMethod.POWER_OF_TWO:
+            scale = torch.exp2(ste_round(torch.log2(scale)))
+        zero_point = self.zero_point
+        if isinstance(zero_point, nn.Parameter):
+            zero_point = ste_round(scale_grad(zero_point, g)).clamp(self.qmin, self.qmax)
+        return scale, zero_point
+
+    def set_grid(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Store this grid (fixed, not learned) and switch to ``frozen``."""
+        if self.learning:
+            self.learn_grid(False)
         self.scale = scale.detach().to(self.scale.device, torch.float32).reshape(self.scale.shape).clone()
         self.zero_point = zero_point.detach().to(self.zero_point.device, torch.float32).reshape(
             self.zero_point.shape).clone()
@@ -71,7 +125,7 @@ class FakeQuantizer(nn.Module):
         if self.scale.shape != other.scale.shape:
             raise ValueError(f"grid shapes differ: {tuple(self.scale.shape)} vs {tuple(other.scale.shape)}")
         self.method, self.n_bits, self.signed = other.method, other.n_bits, other.signed
-        self._set_grid(other.scale, other.zero_point)
+        self.set_grid(other.scale, other.zero_point)
 
     def grid_range(self) -> tuple[Tensor, Tensor]:
         """Smallest and largest representable value (per channel for per-channel grids)."""
@@ -105,7 +159,7 @@ class ActivationQuantizer(FakeQuantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "frozen":
-            return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+            return fake_quant(x, *self._effective_grid(x), self.qmin, self.qmax)
         if self.mode == "observe":
             self.observer.update(x)
         return x
@@ -143,7 +197,7 @@ class ActivationQuantizer(FakeQuantizer):
                                                error, p)
                 else:
                     scale, zp = shift_negative_params(threshold, lo, self.n_bits)
-        self._set_grid(scale, zp)
+        self.set_grid(scale, zp)
         self.observer = StreamingHistogram()
 
 
@@ -156,7 +210,7 @@ class WeightQuantizer(FakeQuantizer):
 
     def forward(self, w: Tensor) -> Tensor:
         if self.mode == "frozen":
-            return fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+            return fake_quant(w, *self._effective_grid(w), self.qmin, self.qmax, self.axis)
         return w
 
     def freeze(self, weight: Tensor, error: ErrorMethod | str = ErrorMethod.MSE, p: float = 2.0,
@@ -170,7 +224,7 @@ class WeightQuantizer(FakeQuantizer):
         rows = self._rows(w)
         counts = None if importance is None else self._rows(importance.detach().to(w.device))
         scale, zp = search_params(rows, counts, rows.amin(1), rows.amax(1), self.method, self.n_bits, True, error, p)
-        self._set_grid(scale, zp)
+        self.set_grid(scale, zp)
 
     def _rows(self, t: Tensor) -> Tensor:
         return t.movedim(self.axis, 0).reshape(t.shape[self.axis], -1) if self.axis is not None else t.reshape(1, -1)
