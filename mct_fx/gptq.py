@@ -270,7 +270,7 @@ def _train(student: fx.GraphModule, teacher: fx.GraphModule, trainables: Trainab
     student.eval()
     with tqdm(total=steps, desc="GPTQ", disable=not verbose) as bar:
         for _ in range(config.epochs):
-            total = 0.0
+            total = torch.zeros((), device=model_device(student))
             for i in torch.randperm(len(batches), generator=gen).tolist():
                 trainables.set_fraction((step + 1) / steps)
                 args, kwargs = batches[i]
@@ -285,10 +285,10 @@ def _train(student: fx.GraphModule, teacher: fx.GraphModule, trainables: Trainab
                 loss.backward()
                 optimizer.step()
                 step += 1
-                total += float(distance.detach())
+                total += distance.detach()
                 bar.update()
-                bar.set_postfix(distance=f"{float(distance.detach()):.4g}")
-            epoch_losses.append(total / len(batches))
+            epoch_losses.append(float(total) / len(batches))  # one host sync per epoch, not per step
+            bar.set_postfix(distance=f"{epoch_losses[-1]:.4g}")
     return GPTQReport(len(layers), steps, tuple(epoch_losses), hessian_seconds, time.perf_counter() - start,
                       targets is not None)
 

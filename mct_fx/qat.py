@@ -24,7 +24,7 @@ from torch import fx, nn
 from mct_fx.config import QuantConfig
 from mct_fx.ptq import SUMMARY_KEY, TPCLike, quantize
 from mct_fx.quant_summary import summarize
-from mct_fx.quantizers.modules import FakeQuantizer
+from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
 from mct_fx.resources import ResourceUtilization
 
 __all__ = ["QATConfig", "QATMethod", "qat_prepare", "qat_finalize", "QAT_KEY"]
@@ -67,8 +67,7 @@ def qat_prepare(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500
         for name, q in gm.named_modules():
             if not isinstance(q, FakeQuantizer) or q.mode != "frozen":
                 continue
-            weight = name.endswith(("_weight_quant", "_bias_quant"))
-            if not (config.learn_weights if weight else config.learn_activations):
+            if not (config.learn_weights if isinstance(q, WeightQuantizer) else config.learn_activations):
                 continue
             if q.affine:
                 q.learn_grid(True)
