@@ -39,6 +39,21 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return padded[..., i:i + 28, j:j + 28]
 
 
+def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One epoch of augmented batches of 128 with label smoothing 0.05; leaves the model in eval mode."""
+    model.train()
+    perm = torch.randperm(len(x))
+    for i in range(0, len(x), 128):
+        idx = perm[i:i + 128]
+        loss = nn.functional.cross_entropy(model(augment(x[idx])), y[idx], label_smoothing=0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+
+
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0,
           log=print, test: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
     """AdamW + one-cycle schedule + label smoothing, batches of 128; returns the model in eval mode."""
@@ -48,16 +63,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
     start = time.time()
     for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 128):
-            idx = perm[i:i + 128]
-            loss = nn.functional.cross_entropy(model(augment(x[idx])), y[idx], label_smoothing=0.05)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        model.eval()
+        train_epoch(model, x, y, opt, sched)
         note = f", test accuracy {accuracy(model, *test):.2f}%" if test is not None else ""
         log(f"epoch {epoch + 1}/{epochs}{note} ({time.time() - start:.0f} s)")
     return model.eval()

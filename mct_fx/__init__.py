@@ -9,6 +9,7 @@ from mct_fx.hessian import Granularity, HessianConfig, HessianService
 from mct_fx.kernels import backend
 from mct_fx.mixed_precision import DistanceWeighting, MixedPrecisionConfig, OutputDistance
 from mct_fx.mixed_precision.solver import MixedPrecisionError
+from mct_fx.pruning import Importance, PruningConfig, PruningInfo, prune
 from mct_fx.ptq import prepare, quantize, summary
 from mct_fx.qat import QATConfig, QATMethod, qat_finalize, qat_prepare
 from mct_fx.quantizers import ActivationQuantizer, ErrorMethod, QuantMethod, WeightQuantizer
@@ -25,5 +26,6 @@ __all__ = [
     "TraceError", "CalibrationError", "TPCError", "backend", "tpc", "export_onnx", "ExportError", "ExportResult",
     "ResourceUtilization", "resource_utilization", "MixedPrecisionConfig", "MixedPrecisionError", "DistanceWeighting",
     "OutputDistance", "HessianService", "HessianConfig", "Granularity", "gptq", "GPTQConfig", "GPTQReport",
-    "Rounding", "LossWeighting", "qat_prepare", "qat_finalize", "QATConfig", "QATMethod",
+    "Rounding", "LossWeighting", "qat_prepare", "qat_finalize", "QATConfig", "QATMethod", "prune", "PruningConfig",
+    "PruningInfo", "Importance",
 ]
