@@ -151,14 +151,17 @@ class _Builder:
     def is_layer(self, node: fx.Node) -> bool:
         return node.op == "call_function" and op_name(node, self.gm) in LINEAR_OPS and len(node.args) >= 2
 
-    def channels(self, node: object) -> int | None:
+    @staticmethod
+    def shape(node: object) -> tuple | None:
         tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-        shape = getattr(tm, "shape", None)
+        return getattr(tm, "shape", None)
+
+    def channels(self, node: object) -> int | None:
+        shape = self.shape(node)
         return int(shape[1]) if shape is not None and len(shape) >= 2 else None
 
     def rank(self, node: object) -> int | None:
-        tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-        shape = getattr(tm, "shape", None)
+        shape = self.shape(node)
         return len(shape) if shape is not None else None
 
     def input_segs(self, node: fx.Node) -> list[list[Segment]]:
@@ -261,7 +264,7 @@ class _Builder:
         if segs is None or not (isinstance(start, int) and isinstance(end, int)) or start % rank != 1 \
                 or end % rank != rank - 1:
             return self.opaque(node, f"{node.name!r} flattens the channels with other axes than the trailing ones")
-        spatial = math.prod(x.meta["tensor_meta"].shape[2:])
+        spatial = math.prod(self.shape(x)[2:])
         return [Segment(s.section, s.size, s.repeat * spatial) for s in segs]
 
     def elementwise(self, node: fx.Node, operands: list[fx.Node]) -> list[Segment] | None:
@@ -274,7 +277,7 @@ class _Builder:
                     problem = f"{node.name!r} broadcasts it over other channels"
             elif self.rank(a) is not None:
                 axis = 1 - (out_rank - self.rank(a))
-                if axis >= 0 and self.rank(a) > axis and a.meta["tensor_meta"].shape[axis] != 1:
+                if axis >= 0 and self.rank(a) > axis and self.shape(a)[axis] != 1:
                     problem = f"{node.name!r} combines it with a tensor from no prunable layer"
         first = segmented[0]
         for other in segmented[1:]:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from mct_fx.channel_sections import ChannelSections, Section, find_sections, weight_axes
+from mct_fx.channel_sections import ChannelSections, find_sections, weight_axes
 from mct_fx.data import ModelInputs, batch_size, iter_batches, take_images, to_device
 from mct_fx.graph_utils import attr_value, model_device, placeholder_values, with_outputs
 from mct_fx.hessian import Granularity, HessianConfig, HessianService
@@ -138,7 +138,7 @@ def prune(model: nn.Module, calib_loader: Iterable, target: ResourceUtilization,
     before = memory.bytes(full)
     scores: dict[int, Tensor] = {}
     keep: dict[int, Tensor] = {}
-    simd = {s.index: _simd(gm, s, platform, config) for s in sections.prunable}
+    simd = _simd_widths(gm, sections, platform, config)
     params_before = _layer_params(gm, sections.entries)
     if budget < before:
         smallest = memory.bytes({**full, **{s.index: min(simd[s.index], s.channels) for s in sections.prunable}})
@@ -277,15 +277,17 @@ def _channel_scores(gm: fx.GraphModule, sections: ChannelSections, batches: list
     return scores
 
 
-def _simd(gm: fx.GraphModule, section: Section, platform: TargetPlatformCapabilities, config: PruningConfig) -> int:
-    """Channels per group: the SIMD width of the section's layers (their widest), whole grouped-conv blocks."""
-    if config.simd_size is not None:
-        width = config.simd_size
-    else:
-        nodes = {n.name: n for n in gm.graph.nodes}
-        width = max((platform.options_for(op_name(nodes[e], gm)).base.simd_size or 1 for e in section.entries),
-                    default=1)
-    return math.lcm(width, section.block)
+def _simd_widths(gm: fx.GraphModule, sections: ChannelSections, platform: TargetPlatformCapabilities,
+                 config: PruningConfig) -> dict[int, int]:
+    """Channels per group of each prunable section: the SIMD width of its layers (their widest), in whole
+    grouped-conv blocks."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    widths = {}
+    for section in sections.prunable:
+        width = config.simd_size or max(
+            (platform.options_for(op_name(nodes[e], gm)).base.simd_size or 1 for e in section.entries), default=1)
+        widths[section.index] = math.lcm(width, section.block)
+    return widths
 
 
 def _select(sections: ChannelSections, scores: dict[int, Tensor], simd: dict[int, int], memory: _MemoryModel,
