@@ -3,6 +3,16 @@
 from mct_fx import tpc
 from mct_fx.config import LayerOverride, QuantConfig
 from mct_fx.data import CalibrationError
+from mct_fx.datagen import (
+    DataGenConfig,
+    DataInit,
+    ImageGranularity,
+    LayerWeighting,
+    OutputLoss,
+    Scheduler,
+    bn_alignment,
+    generate_data,
+)
 from mct_fx.export import ExportError, ExportResult, export_onnx
 from mct_fx.gptq import GPTQConfig, GPTQReport, LossWeighting, Rounding, gptq
 from mct_fx.hessian import Granularity, HessianConfig, HessianService
@@ -27,5 +37,6 @@ __all__ = [
     "ResourceUtilization", "resource_utilization", "MixedPrecisionConfig", "MixedPrecisionError", "DistanceWeighting",
     "OutputDistance", "HessianService", "HessianConfig", "Granularity", "gptq", "GPTQConfig", "GPTQReport",
     "Rounding", "LossWeighting", "qat_prepare", "qat_finalize", "QATConfig", "QATMethod", "prune", "PruningConfig",
-    "PruningInfo", "Importance",
+    "PruningInfo", "Importance", "generate_data", "bn_alignment", "DataGenConfig", "DataInit", "ImageGranularity",
+    "LayerWeighting", "OutputLoss", "Scheduler",
 ]

@@ -38,11 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="torchvision:NAME | PATH.py:FACTORY | demo")
     q.add_argument("--weights", help="a state_dict file; for torchvision models also a weights name "
                                       "(DEFAULT, IMAGENET1K_V1, ...) found in the torch hub cache")
-    q.add_argument("--calib", required=True, help="imagefolder:DIR | fashion-mnist | synthetic")
+    q.add_argument("--calib", required=True,
+                   help="imagefolder:DIR | fashion-mnist | synthetic (data-free: generated from the model's "
+                        "BatchNorm statistics) | random (standard-normal noise, for a smoke run)")
     q.add_argument("--n-calib", type=int, default=256, help="calibration images (default 256)")
+    q.add_argument("--datagen-iters", type=int, default=500,
+                   help="--calib synthetic: optimization passes over the images (default 500)")
+    q.add_argument("--pixel-normalization", choices=("torchvision", "symmetric", "none"),
+                   help="--calib synthetic: how the model normalizes pixels in [0, 1]: ImageNet mean/std, "
+                        "[-1, 1], or none (default: none for the demo model, torchvision otherwise)")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--image-size", type=int, default=224, help="imagefolder resize/crop size (default 224)")
-    q.add_argument("--input-shape", help="C,H,W of one input for synthetic data (default: the model's "
+    q.add_argument("--input-shape", help="C,H,W of one input for synthetic/random data (default: the model's "
                                           "input_shape attribute, else 3,IMAGE_SIZE,IMAGE_SIZE)")
     q.add_argument("--tpc", default="imx500", help="built-in target name or a TPC .json file (default imx500)")
     q.add_argument("--weights-memory", type=_budget, metavar="F|BYTES",
@@ -137,12 +144,23 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
     return model.eval()
 
 
-def calibration_loader(spec: str, n: int, batch_size: int, input_shape: tuple[int, ...]):
-    """The loader named by ``--calib``."""
+def calibration_loader(spec: str, n: int, batch_size: int, input_shape: tuple[int, ...], model: nn.Module,
+                       args: argparse.Namespace):
+    """The loader named by ``--calib`` (for ``synthetic``: the generated images, a tensor)."""
     from mct_fx import datasets
 
     if n < 1:
         raise CLIError(f"--n-calib must be >= 1, got {n}")
+    if spec == "synthetic":
+        from mct_fx.datagen import DataGenConfig, generate_data
+
+        if args.datagen_iters < 1:
+            raise CLIError(f"--datagen-iters must be >= 1, got {args.datagen_iters}")
+        normalization = args.pixel_normalization or ("none" if args.model == "demo" else "torchvision")
+        extra = max(2, min(32, min(input_shape[1:]) // 7))  # the canvas margin: 32 pixels at 224, 4 at 28
+        config = DataGenConfig(n_iter=args.datagen_iters, batch_size=batch_size, normalization=normalization,
+                               extra_pixels=extra if len(input_shape) == 3 else 0)
+        return generate_data(model, n, input_shape, config, verbose=not args.quiet)
     if spec.startswith("imagefolder:"):
         side = input_shape[-1]
         return datasets.image_folder(spec.split(":", 1)[1], n, image_size=side, batch_size=batch_size)
@@ -150,9 +168,9 @@ def calibration_loader(spec: str, n: int, batch_size: int, input_shape: tuple[in
         x, y = datasets.fashion_mnist("train")
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[order], y[order]), batch_size=batch_size)
-    if spec == "synthetic":
+    if spec == "random":
         return datasets.synthetic(input_shape, n, batch_size)
-    raise CLIError(f"--calib {spec!r}: use imagefolder:DIR, fashion-mnist or synthetic")
+    raise CLIError(f"--calib {spec!r}: use imagefolder:DIR, fashion-mnist, synthetic or random")
 
 
 def _input_shape(args: argparse.Namespace, model: nn.Module) -> tuple[int, ...]:
@@ -181,16 +199,18 @@ def _quantize(args: argparse.Namespace) -> int:
 
     target = mct_fx.get_tpc(args.tpc)  # a bad --tpc fails before the model is built
     model = load_model(args.model, args.weights)
-    loader = calibration_loader(args.calib, args.n_calib, args.batch_size, _input_shape(args, model))
     budget = None
     if args.weights_memory is not None:
         w = args.weights_memory
         budget = mct_fx.ResourceUtilization(weights_memory=w * float_weights_memory(model) if w <= 1 else w)
+    start = time.time()
+    loader = calibration_loader(args.calib, args.n_calib, args.batch_size, _input_shape(args, model), model, args)
+    calib_seconds = time.time() - start
     out = Path(args.out)  # created once quantization succeeded: no half-done output folder
     start = time.time()
     qmodel = mct_fx.quantize(model, loader, target, target=budget, verbose=not args.quiet)
     seconds = time.time() - start
-    example = next(iter(loader))
+    example = loader if isinstance(loader, torch.Tensor) else next(iter(loader))
     example = example[0] if isinstance(example, (list, tuple)) else example
     export = export_onnx(qmodel, example[:8], out / "model.onnx", opset=args.opset, weights_dtype=args.onnx_weights)
     torch.save({"state_dict": qmodel.state_dict(), "model": args.model, "weights": args.weights,
@@ -199,7 +219,8 @@ def _quantize(args: argparse.Namespace) -> int:
     float_bytes, quant_bytes = float_weights_memory(qmodel), mct_fx.resource_utilization(qmodel).weights_memory
     report = {
         "model": args.model, "weights": args.weights, "tpc": target.name, "calibration": args.calib,
-        "n_calib": args.n_calib, "quantize_seconds": round(seconds, 2),
+        "n_calib": args.n_calib, "calibration_seconds": round(calib_seconds, 2),
+        "quantize_seconds": round(seconds, 2),
         "weights_bytes": {"float": float_bytes, "quantized": quant_bytes},
         "onnx": _export_report(export), "layers": [asdict(layer) for layer in summary.layers],
         "left_float": list(summary.unknown),
@@ -210,6 +231,8 @@ def _quantize(args: argparse.Namespace) -> int:
                                      "bits": mp.bits, "seconds": round(mp.seconds, 2)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(summary)
+    if args.calib == "synthetic":
+        print(f"\ngenerated {args.n_calib} calibration images from the BatchNorm statistics in {calib_seconds:.1f} s")
     print(f"\nquantized in {seconds:.1f} s; weights {float_bytes / 1e6:.2f} MB float -> "
           f"{quant_bytes / 1e6:.2f} MB quantized")
     print(f"wrote {out / 'model.onnx'}, {out / 'quantized_state.pt'}, {out / 'report.json'}")

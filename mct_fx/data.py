@@ -2,6 +2,8 @@
 
 A loader may yield a tensor, a tuple/list whose first item is the input (a
 ``DataLoader`` of ``(image, label)`` works as is), or a dict of named inputs.
+A tensor given as the loader itself (``mct_fx.generate_data``'s images) is a set
+of samples, read in batches of ``TENSOR_BATCH``.
 Each batch is checked as it arrives (empty, NaN/Inf), and errors name the batch
 index.
 """
@@ -16,9 +18,10 @@ import torch
 from torch import Tensor
 
 __all__ = ["CalibrationError", "ModelInputs", "split_batch", "iter_batches", "to_device", "batch_size", "take_images",
-           "rebatch"]
+           "rebatch", "loader_length", "TENSOR_BATCH"]
 
 ModelInputs = tuple[tuple, dict]
+TENSOR_BATCH = 32
 
 
 class CalibrationError(ValueError):
@@ -56,6 +59,10 @@ def iter_batches(loader: Iterable, n_batches: int | None = None) -> Iterator[Mod
     """Validated ``(args, kwargs)`` per batch; at most ``n_batches``; raises if there are none."""
     if n_batches is not None and n_batches < 1:
         raise CalibrationError(f"n_batches must be >= 1, got {n_batches}")
+    if isinstance(loader, Tensor):
+        if loader.dim() == 0:
+            raise CalibrationError("calibration data is a 0-d tensor; expected [N, ...] samples")
+        loader = loader.split(TENSOR_BATCH)
     try:
         iterator = iter(loader)
     except TypeError:
@@ -70,6 +77,13 @@ def iter_batches(loader: Iterable, n_batches: int | None = None) -> Iterator[Mod
         yield inputs
     if count == 0:
         raise CalibrationError("the calibration loader yielded no batches")
+
+
+def loader_length(loader: Iterable) -> int | None:
+    """Batches ``iter_batches`` will read from ``loader``, when it knows its length."""
+    if isinstance(loader, Tensor):
+        return math.ceil(len(loader) / TENSOR_BATCH) if loader.dim() else None
+    return len(loader) if hasattr(loader, "__len__") else None
 
 
 def to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:

@@ -11,7 +11,7 @@ from typing import Any
 from torch import fx, nn
 
 from mct_fx.config import QuantConfig
-from mct_fx.data import CalibrationError, batch_size, iter_batches, split_batch, take_images, to_device
+from mct_fx.data import CalibrationError, batch_size, iter_batches, loader_length, split_batch, take_images, to_device
 from mct_fx.graph_utils import model_device
 from mct_fx.hessian import Granularity, HessianService
 from mct_fx.mixed_precision.search import MixedPrecisionSearch
@@ -108,7 +108,7 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     search = MixedPrecisionSearch(gm, target, config) if target is not None else None  # fails early on a bad budget
     bias_correction = config.weights_bias_correction and not config.weights_second_moment_correction
     observers = observe_layer_inputs(gm) if bias_correction else {}
-    total = n_batches or (len(calib_loader) if hasattr(calib_loader, "__len__") else None)
+    total = n_batches or loader_length(calib_loader)
     retained: list = []  # the first batches: for the second-moment pass and the mixed-precision sensitivities
     stream = itertools.chain([first], batches)
     keep_batches = SECOND_MOMENT_BATCHES if config.weights_second_moment_correction else 0

@@ -32,7 +32,7 @@ def test_demo_prints_accuracies_and_writes_onnx(tmp_path):
 
 
 def test_bad_tpc_path_is_one_line_and_status_2(tmp_path):
-    run = _cli("quantize", "--model", "demo", "--calib", "synthetic", "--tpc", str(tmp_path / "nope.json"),
+    run = _cli("quantize", "--model", "demo", "--calib", "random", "--tpc", str(tmp_path / "nope.json"),
                "--out", str(tmp_path / "out"))
     assert run.returncode == 2
     lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
@@ -43,13 +43,13 @@ def test_bad_tpc_path_is_one_line_and_status_2(tmp_path):
 
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(mct_fx.TPCError):
-        main(["--debug", "quantize", "--model", "demo", "--calib", "synthetic", "--tpc", "nope",
+        main(["--debug", "quantize", "--model", "demo", "--calib", "random", "--tpc", "nope",
               "--out", str(tmp_path)])
 
 
 def test_quantize_demo_model_writes_its_three_outputs(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["quantize", "--model", "demo", "--calib", "synthetic", "--n-calib", "64", "--quiet",
+    assert main(["quantize", "--model", "demo", "--calib", "random", "--n-calib", "64", "--quiet",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "conv1" in printed and "FullyConnected" in printed  # the per-layer table
@@ -70,7 +70,7 @@ def test_quantize_demo_model_writes_its_three_outputs(tmp_path, capsys):
 
 def test_weights_memory_budget_runs_mixed_precision(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["quantize", "--model", "demo", "--calib", "synthetic", "--n-calib", "64", "--quiet",
+    assert main(["quantize", "--model", "demo", "--calib", "random", "--n-calib", "64", "--quiet",
                  "--weights-memory", "0.15", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "mixed precision" in printed and "achieved" in printed
@@ -81,11 +81,29 @@ def test_weights_memory_budget_runs_mixed_precision(tmp_path, capsys):
     assert report["weights_bytes"]["quantized"] == mp["achieved"]["weights_memory"] <= 0.15 * float_bytes
     assert {"W8", "W4"} <= set(mp["bits"].values())
     # a budget below every layer at 2 bits: one line naming the smallest achievable size, nothing written
-    assert main(["quantize", "--model", "demo", "--calib", "synthetic", "--n-calib", "64", "--quiet",
+    assert main(["quantize", "--model", "demo", "--calib", "random", "--n-calib", "64", "--quiet",
                  "--weights-memory", "1000", "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "smallest achievable" in err[0], err
     assert not (tmp_path / "none").exists()
+
+
+def test_data_free_quantization_of_the_demo_model(tmp_path, capsys):
+    """--calib synthetic: calibration images generated from the model's BatchNorm statistics."""
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", "demo", "--calib", "synthetic", "--n-calib", "64", "--datagen-iters", "40",
+                 "--quiet", "--out", str(out)]) == 0
+    assert "from the BatchNorm statistics" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"] == "synthetic" and report["calibration_seconds"] > 0
+    state = torch.load(out / "quantized_state.pt", weights_only=False)
+    _, images, labels = load_samples()
+    qmodel = mct_fx.prepare(load_model(), images[:4], state["tpc"])
+    qmodel.load_state_dict(state["state_dict"])
+    with torch.no_grad():
+        accuracy = float((qmodel(images).argmax(1) == labels).float().mean()) * 100
+        float_accuracy = float((load_model()(images).argmax(1) == labels).float().mean()) * 100
+    assert accuracy >= float_accuracy - 2, (float_accuracy, accuracy)
 
 
 def test_quantize_a_model_from_a_python_file(tmp_path, capsys):
@@ -101,7 +119,7 @@ def test_quantize_a_model_from_a_python_file(tmp_path, capsys):
     exec((tmp_path / "mine.py").read_text(), exec_ns)
     torch.save(exec_ns["build"]().state_dict(), weights)
     assert main(["quantize", "--model", f"{tmp_path / 'mine.py'}:build", "--weights", str(weights),
-                 "--calib", "synthetic", "--n-calib", "8", "--tpc", "int8", "--quiet",
+                 "--calib", "random", "--n-calib", "8", "--tpc", "int8", "--quiet",
                  "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.onnx").exists()
 
@@ -112,13 +130,13 @@ def test_quantize_a_model_from_a_python_file(tmp_path, capsys):
     (["--model", "missing.py:build"], "missing.py does not exist"),
     (["--model", "demo", "--weights", "missing.pt"], "missing.pt does not exist"),
     (["--model", "demo", "--calib", "imagefolder:/no/such/dir"], "does not exist"),
-    (["--model", "demo", "--calib", "webcam"], "use imagefolder:DIR, fashion-mnist or synthetic"),
+    (["--model", "demo", "--calib", "webcam"], "use imagefolder:DIR, fashion-mnist, synthetic or random"),
     (["--model", "demo", "--n-calib", "0"], "--n-calib must be >= 1"),
-    (["--model", "torchvision:resnet18", "--calib", "synthetic", "--input-shape", "1,28,28"],
+    (["--model", "torchvision:resnet18", "--calib", "random", "--input-shape", "1,28,28"],
      "does not run through the model at node 'conv1'"),
 ])
 def test_bad_arguments_name_the_flag(args, message, tmp_path, capsys):
-    base = {"--calib": "synthetic"}
+    base = {"--calib": "random"}
     argv = ["quantize", *args]
     for flag, value in base.items():
         if flag not in args:
