@@ -133,6 +133,53 @@ def _mct_mp(model, job, size_bits: int):
     return q
 
 
+class ChannelMean(torch.nn.Module):
+    """Three channels to one: MCT's data generation makes 3-channel images only (its input size is fixed)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1, keepdim=True)
+
+
+def _mct_fx_generate(model, job) -> tuple[torch.Tensor, float]:
+    import mct_fx
+
+    spec = job["datagen"]
+    config = mct_fx.DataGenConfig(n_iter=spec["iters"], extra_pixels=spec["extra_pixels"],
+                                  normalization=spec["normalization"])
+    start = time.perf_counter()
+    images = mct_fx.generate_data(model, spec["images"], spec["shape"], config, verbose=False)
+    return images, time.perf_counter() - start
+
+
+def _mct_generate(model, job) -> tuple[torch.Tensor, float]:
+    """MCT's generator with the same images, iterations, batch size and canvas margin; a grey model gets a
+    channel-mean adapter in front (and the images their channel mean)."""
+    import model_compression_toolkit as mct
+    from model_compression_toolkit.data_generation import ImageNormalizationType
+
+    spec = job["datagen"]
+    grey = spec["shape"][0] == 1
+    net = torch.nn.Sequential(ChannelMean(), model).eval() if grey else model
+    norm = {"none": ImageNormalizationType.NO_NORMALIZATION, "torchvision": ImageNormalizationType.TORCHVISION}
+    config = mct.data_generation.get_pytorch_data_generation_config(
+        n_iter=spec["iters"], data_gen_batch_size=32, extra_pixels=spec["extra_pixels"],
+        image_normalization_type=norm[spec["normalization"]])
+    start = time.perf_counter()
+    images = torch.cat(mct.data_generation.pytorch_data_generation_experimental(
+        net, spec["images"], spec["shape"][-1], config))
+    seconds = time.perf_counter() - start
+    return (images.mean(1, keepdim=True) if grey else images), seconds
+
+
+def _data_free(generate, quantize):
+    """A method that generates its calibration images first, then runs ``quantize`` on them."""
+    def run(model, job):
+        images, seconds = generate(model, job)
+        return quantize(model, {**job, "calib": images}), {"generation_seconds": seconds}
+
+    return run
+
+
 def _torch_ao_ptq(model, job):
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -164,7 +211,7 @@ class Method:
     name: str
     bits: str
     peer: str  # which python runs it: "ours" (this venv) or "mct" (the MCT venv)
-    run: Callable  # (float model, job: calibration images and budgets) -> quantized callable
+    run: Callable  # (float model, job: calibration images and budgets) -> quantized callable [, extras dict]
 
 
 METHODS = {m.name: m for m in (
@@ -179,6 +226,10 @@ METHODS = {m.name: m for m in (
     Method("MCT MP 3-bit size", "MP W8/4/2 A8", "mct", lambda model, job: _mct_mp(model, job, 3)),
     Method("mct_fx GPTQ W4A8", "W4A8", "ours", _mct_fx_gptq),
     Method("MCT GPTQ W4A8", "W4A8", "mct", _mct_gptq),
+    Method("mct_fx data-free PTQ", "W8A8", "ours", _data_free(_mct_fx_generate, _mct_fx_ptq)),
+    Method("MCT data-free PTQ", "W8A8", "mct", _data_free(_mct_generate, _mct_ptq)),
+    Method("mct_fx data-free GPTQ W4A8", "W4A8", "ours", _data_free(_mct_fx_generate, _mct_fx_gptq)),
+    Method("MCT data-free GPTQ W4A8", "W4A8", "mct", _data_free(_mct_generate, _mct_gptq)),
 )}
 
 
@@ -216,13 +267,14 @@ def worker(method: str, job_path: str, out_path: str) -> None:
     start = time.perf_counter()
     qmodel = METHODS[method].run(model, job)
     seconds = time.perf_counter() - start
+    qmodel, extras = qmodel if isinstance(qmodel, tuple) else (qmodel, {})
     peak = _peak_rss_mb()
     logits = {}
     with torch.no_grad():
         for name, x in job["eval"].items():
             logits[name] = torch.cat([qmodel(b) for b in _batches(x, 100)]).float()
     torch.save({"seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": baseline, "logits": logits,
-                "threads": torch.get_num_threads()}, out_path)
+                "threads": torch.get_num_threads(), **extras}, out_path)
 
 
 # ------------------------------------------------------------------ jobs (parent process)
@@ -276,6 +328,12 @@ def run_model(model_name: str, methods: list[str], args) -> dict:
     data["gptq"] = {"images": args.gptq_images or (len(data["calib"]) if small else 32),
                     "epochs": args.gptq_epochs or (5 if small else 1)}
     result["gptq"] = data["gptq"]
+    if any("data-free" in m for m in methods):
+        shape = tuple(data["calib"].shape[1:])
+        data["datagen"] = {"images": args.datagen_images or (256 if small else 64),
+                           "iters": args.datagen_iters or (200 if small else 100), "shape": shape,
+                           "extra_pixels": 4 if small else 32, "normalization": "none" if small else "torchvision"}
+        result["datagen"] = data["datagen"]
     if any(m.startswith("mct_fx MP") or m.startswith("MCT MP") for m in methods):
         data["budgets"] = weight_budgets(model, data["calib"][:1])
         result["budgets"] = data["budgets"]
@@ -310,6 +368,8 @@ def run_model(model_name: str, methods: list[str], args) -> dict:
                 "baseline_rss_mb": min(r["baseline_rss_mb"] for r in runs),
                 "threads": runs[0]["threads"],
                 **_quality(runs[-1]["logits"], float_logits, labels),
+                **({"generation_seconds": statistics.median(r["generation_seconds"] for r in runs)}
+                   if "generation_seconds" in runs[0] else {}),
             }
     return result
 
@@ -344,7 +404,10 @@ def table(result: dict) -> str:
             continue
         row = [name, m["bits"], f"{m[key]:.2f}", f"{ref - m[key]:+.2f}", f"{m[ev + '_sqnr_db']:.2f}"]
         row += [f"{m['foolbox_accuracy']:.0f}"] if extra else [f"{m['test_agreement']:.2f}"]
-        row += [f"{m['seconds']:.1f}", f"{m['peak_rss_mb']:.0f}"]
+        seconds = f"{m['seconds']:.1f}"
+        if "generation_seconds" in m:  # data-free rows: the time includes generating the images
+            seconds += f" (generation {m['generation_seconds']:.1f})"
+        row += [seconds, f"{m['peak_rss_mb']:.0f}"]
         # the MCT row doing the same job: the same name with MCT for ours, MCT's W8A8 PTQ for torch.ao
         peer = name.replace("mct_fx", "MCT") if name.startswith("mct_fx") else (
             "MCT PTQ" if not name.startswith("MCT") else None)
@@ -413,6 +476,20 @@ def targets(result: dict) -> list[str]:
               f"GPTQ peak RSS {gptq['peak_rss_mb']:.0f} MB <= MCT's {mct_gptq['peak_rss_mb']:.0f} MB")
     if key in gptq and key in ours4:
         check(gptq[key] > ours4[key], f"GPTQ W4A8 {gptq[key]:.2f} > PTQ W4A8 {ours4[key]:.2f}")
+    free, mct_free = result["methods"].get("mct_fx data-free PTQ", {}), result["methods"].get("MCT data-free PTQ", {})
+    if key in free and key in ours:  # issue 10: data-free W8A8 close to real-data PTQ, generation <= 1/2 of MCT's
+        gap = 0.5 if result["model"] != "mobilenet_v2" else 1.0
+        check(free[key] >= ours[key] - gap, f"data-free W8A8 {free[key]:.2f} within {gap} of real-data PTQ "
+                                            f"{ours[key]:.2f}")
+    for name in ("PTQ", "GPTQ W4A8"):
+        a, b = result["methods"].get(f"mct_fx data-free {name}", {}), result["methods"].get(f"MCT data-free {name}", {})
+        if "generation_seconds" in a and "generation_seconds" in b:
+            setup = f"{result['datagen']['images']} images, {result['datagen']['iters']} iterations"
+            check(a["generation_seconds"] <= b["generation_seconds"] / 2,
+                  f"generation ({setup}) {a['generation_seconds']:.1f} s <= MCT's / 2 = "
+                  f"{b['generation_seconds'] / 2:.1f} s")
+    if key in free and key in mct_free:
+        check(free[key] >= mct_free[key], f"data-free W8A8 {free[key]:.2f} >= MCT's {mct_free[key]:.2f}")
     return out or ["- nothing to compare"]
 
 
@@ -427,6 +504,10 @@ def main() -> None:
                         help="GPTQ rows: calibration images (default: all on Fashion-MNIST, 32 on MobileNetV2)")
     parser.add_argument("--gptq-epochs", type=int, default=None,
                         help="GPTQ rows: epochs (default: 5 on Fashion-MNIST, 1 on MobileNetV2)")
+    parser.add_argument("--datagen-images", type=int, default=None,
+                        help="data-free rows: generated images (default 256 on Fashion-MNIST, 64 on MobileNetV2)")
+    parser.add_argument("--datagen-iters", type=int, default=None,
+                        help="data-free rows: generation iterations (default 200 on Fashion-MNIST, 100 on MobileNetV2)")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--readme", action="store_true", help="also put the tables into README.md's Results section")
     args = parser.parse_args()

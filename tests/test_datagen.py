@@ -21,7 +21,7 @@ from mct_fx.datagen import (
     generate_data,
 )
 from mct_fx.demo import load_model, load_samples
-from mct_fx.passes.tap_bn_inputs import BNTapError, per_sample_moments
+from mct_fx.passes.tap_bn_inputs import BNTapError, batchnorm_with_moments
 
 SHAPE = (1, 28, 28)
 FAST = dict(normalization="none", extra_pixels=4, batch_size=16)  # the demo model reads [0, 1] grey 28x28 images
@@ -150,15 +150,24 @@ def test_normalization_sets_the_valid_range():
     assert float(symmetric.min()) >= -1 and float(symmetric.max()) <= 1
 
 
-def test_moments_and_their_gradient():
-    x = torch.randn(3, 4, 5, 6, dtype=torch.double, requires_grad=True)
-    mean, second = per_sample_moments(x)
-    assert torch.allclose(mean, x.detach().mean((2, 3)).float()) and torch.allclose(
-        second, (x.detach() ** 2).mean((2, 3)).float())
-    y = torch.randn(2, 3, 7, dtype=torch.double, requires_grad=True)
-    from mct_fx.passes.tap_bn_inputs import _Moments
-
-    assert torch.autograd.gradcheck(_Moments.apply, (y,))
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (3, 4, 7), (3, 4)])
+def test_batchnorm_with_moments_is_batchnorm_plus_input_statistics(shape):
+    bn = nn.BatchNorm1d(4) if len(shape) < 4 else nn.BatchNorm2d(4)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-1, 1)
+    bn.eval()
+    scale = bn.weight.detach() / (bn.running_var + bn.eps).sqrt()
+    shift = bn.bias.detach() - bn.running_mean * scale
+    x = torch.randn(*shape)
+    y, mean, second = batchnorm_with_moments(x, scale, shift)
+    dims = tuple(range(2, len(shape)))
+    assert torch.allclose(y, bn(x), atol=1e-5)
+    assert torch.allclose(mean, x.mean(dims) if dims else x, atol=1e-6)
+    assert torch.allclose(second, (x * x).mean(dims) if dims else x * x, atol=1e-5)
+    xd = torch.randn(*shape, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: batchnorm_with_moments(v, scale.double(), shift.double()), (xd,))
 
 
 # ------------------------------------------------------------------ bad input
@@ -172,27 +181,28 @@ def _conv_bn() -> nn.Module:
 
 
 def test_models_without_usable_batchnorm_are_rejected(demo):
+    GREY = DataGenConfig(normalization="none")  # noqa: N806
     with pytest.raises(BNTapError, match="no BatchNorm layer.*fuse_conv_bn_eval"):
-        generate_data(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), 4, (1, 8, 8), verbose=False)
+        generate_data(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), 4, (1, 8, 8), GREY, verbose=False)
     fused = torch.nn.utils.fusion.fuse_conv_bn_eval(demo.conv1, demo.bn1)
     with pytest.raises(BNTapError, match="no BatchNorm layer"):
-        generate_data(nn.Sequential(fused, nn.ReLU()), 4, SHAPE, verbose=False)
+        generate_data(nn.Sequential(fused, nn.ReLU()), 4, SHAPE, GREY, verbose=False)
     with pytest.raises(BNTapError, match="already folded"):
-        generate_data(mct_fx.quantize(demo, load_samples()[0][:32], verbose=False), 4, SHAPE, verbose=False)
+        generate_data(mct_fx.quantize(demo, load_samples()[0][:32], verbose=False), 4, SHAPE, GREY, verbose=False)
     with pytest.raises(BNTapError, match="node '_0' \\(Sequential\\) fuses its BatchNorm '1'.*leaf_modules"):
-        generate_data(nn.Sequential(_conv_bn()), 4, (1, 8, 8), verbose=False, leaf_modules=["0"])
+        generate_data(nn.Sequential(_conv_bn()), 4, (1, 8, 8), GREY, verbose=False, leaf_modules=["0"])
     from torch.ao.nn.intrinsic.qat import ConvBn2d
 
     qat = ConvBn2d(1, 4, 3, qconfig=torch.ao.quantization.get_default_qat_qconfig())  # torch.ao's QAT fusion
     qat.bn.running_var.fill_(2.0)
     with pytest.raises(BNTapError, match="node '_0' \\(ConvBn2d\\) fuses its BatchNorm 'bn'"):
-        generate_data(nn.Sequential(qat).eval(), 4, (1, 8, 8), verbose=False)
+        generate_data(nn.Sequential(qat).eval(), 4, (1, 8, 8), GREY, verbose=False)
     untrained = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(BNTapError, match="node '_1'.*looks untrained"):
-        generate_data(untrained.eval(), 4, (1, 8, 8), verbose=False)
+        generate_data(untrained.eval(), 4, (1, 8, 8), GREY, verbose=False)
     stateless = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(BNTapError, match="node '_1'.*track_running_stats=False"):
-        generate_data(stateless.eval(), 4, (1, 8, 8), verbose=False)
+        generate_data(stateless.eval(), 4, (1, 8, 8), GREY, verbose=False)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -226,3 +236,24 @@ def test_a_tensor_is_a_set_of_samples_for_every_workflow():
         list(iter_batches(torch.tensor(1.0)))
     with pytest.raises(CalibrationError, match="batch 1.*NaN"):
         list(iter_batches(torch.cat([data, torch.full((1, 1, 4, 4), float("nan"))])[TENSOR_BATCH - 1:]))
+
+
+@pytest.mark.slow
+def test_data_free_w8a8_on_the_fashion_mnist_resnet_matches_real_data_ptq():
+    """256 images from the BatchNorm statistics, 200 iterations: W8A8 within 1 point of PTQ on 512 real images."""
+    import train_fmnist
+
+    import assets
+
+    if not assets.fashion_mnist_available():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    model, _ = train_fmnist.load("fmnist_resnet")
+    x, _ = assets.fashion_mnist("train")
+    xt, yt = assets.fashion_mnist("test")
+    real = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:512]]
+    images = generate_data(model, 256, SHAPE, DataGenConfig(n_iter=200, normalization="none", extra_pixels=4),
+                           verbose=False)
+    real_acc = train_fmnist.accuracy(mct_fx.quantize(model, real, verbose=False), xt, yt)
+    free_acc = train_fmnist.accuracy(mct_fx.quantize(model, images, verbose=False), xt, yt)
+    assert free_acc >= real_acc - 1, (real_acc, free_acc)
+    assert sum(bn_alignment(model, images).values()) < 10 * sum(bn_alignment(model, real).values())

@@ -4,12 +4,16 @@ Data generation matches these against each BatchNorm's running mean and
 variance.  After :func:`tap_bn_inputs` the module returns ``(output, stats)``,
 ``stats`` holding, per BatchNorm in execution order, the mean and the second
 moment (mean of squares) of its input over every axis but batch and channel
-(``[N, C]`` each): two reductions per layer, differentiable, instead of keeping
-whole activations alive for hooks.
+(``[N, C]`` each).  Each (eval-mode) BatchNorm becomes its affine form
+``x * scale + shift`` fused with those two reductions in one autograd op whose
+backward is two full-size passes (BatchNorm's own backward plus a separate
+statistics branch and the sum of both gradients would be three), instead of
+keeping whole activations alive for hooks.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mct_fx.quantizers.modules import FakeQuantizer
 
-__all__ = ["BNTap", "BNTapError", "tap_bn_inputs", "per_sample_moments"]
+__all__ = ["BNTap", "BNTapError", "tap_bn_inputs", "batchnorm_with_moments"]
 
 
 class BNTapError(ValueError):
@@ -34,29 +38,35 @@ class BNTap:
     var: Tensor
 
 
-class _Moments(torch.autograd.Function):
-    """Mean and mean of squares over the last axis of ``[N, C, L]``, with a one-op backward
-    (autograd's own, through a norm or a square, costs several full-size temporaries)."""
+class _AffineMoments(torch.autograd.Function):
+    """``(x * scale + shift, mean, mean of squares)``, the statistics per sample and channel over the
+    remaining axes, in float32 at least; ``scale`` / ``shift`` (``[C]``) get no gradient."""
 
     @staticmethod
-    def forward(ctx, flat: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(flat)
-        return flat.mean(2), torch.linalg.vector_norm(flat, dim=2).square() / flat.shape[2]
+    def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        y = torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+        flat = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(x.shape[0], x.shape[1], -1)
+        ctx.save_for_backward(x, scale)
+        return y, flat.mean(2), torch.linalg.vector_norm(flat, dim=2).square() / flat.shape[2]
 
     @staticmethod
-    def backward(ctx, grad_mean: Tensor, grad_second: Tensor) -> Tensor:
-        (flat,) = ctx.saved_tensors
-        n = flat.shape[2]
-        return torch.addcmul((grad_mean / n)[..., None], flat, (grad_second * (2 / n))[..., None])
+    def backward(ctx, grad_y: Tensor, grad_mean: Tensor, grad_second: Tensor):
+        x, scale = ctx.saved_tensors
+        tail = (1,) * (x.dim() - 2)
+        n = x[0, 0].numel()
+        wide = torch.promote_types(x.dtype, torch.float32)
+        grad = torch.addcmul((grad_mean / n).view(*grad_mean.shape, *tail), grad_y.to(wide),
+                             scale.to(wide).view(1, -1, *tail))
+        grad.addcmul_(x.to(wide), (grad_second * (2 / n)).view(*grad_second.shape, *tail))
+        return grad.to(x.dtype), None, None
 
 
 @torch.fx.wrap
-def per_sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(mean, mean of squares)`` of ``x`` per sample and channel (axis 1), both ``[N, C]``, in float32."""
-    x = x.float()
-    if x.dim() == 2:  # BatchNorm1d on [N, C]: one value per sample and channel
-        return x, x * x
-    return _Moments.apply(x.flatten(2))
+def batchnorm_with_moments(x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """An eval-mode BatchNorm as ``x * scale + shift`` (channel axis 1), with the per-sample mean and mean of
+    squares of ``x`` (``[N, C]`` each, float32)."""
+    return _AffineMoments.apply(x, scale, shift)
 
 
 def _batchnorm(gm: fx.GraphModule, node: fx.Node) -> _BatchNorm | None:
@@ -89,7 +99,7 @@ def tap_bn_inputs(gm: fx.GraphModule) -> list[BNTap]:
     _check_model(gm)
     graph = gm.graph
     taps: list[BNTap] = []
-    stats: list[fx.Node] = []
+    stats: list[tuple[fx.Node, fx.Node]] = []
     for node in list(graph.nodes):
         bn = _batchnorm(gm, node)
         if bn is None:
@@ -101,9 +111,20 @@ def tap_bn_inputs(gm: fx.GraphModule) -> list[BNTap]:
                 (bn.running_mean == 0).all()):
             raise BNTapError(f"BatchNorm node {node.name!r} has its initial running statistics (mean 0, var 1, "
                              "no batch tracked): the model looks untrained")
+        scale = (bn.weight.detach() if bn.affine else 1) / (bn.running_var.detach() + bn.eps).sqrt()
+        shift = (bn.bias.detach() if bn.affine else 0) - bn.running_mean.detach() * scale
+        prefix = node.name.replace(".", "_")
+        gm.register_buffer(f"{prefix}_scale", scale.float().clone())
+        gm.register_buffer(f"{prefix}_shift", shift.float().clone())
         with graph.inserting_before(node):
-            stats.append(graph.call_function(per_sample_moments, (node.args[0],)))
+            fused = graph.call_function(batchnorm_with_moments, (
+                node.args[0], graph.get_attr(f"{prefix}_scale"), graph.get_attr(f"{prefix}_shift")))
+            y = graph.call_function(operator.getitem, (fused, 0))
+            stats.append((graph.call_function(operator.getitem, (fused, 1)),
+                          graph.call_function(operator.getitem, (fused, 2))))
         taps.append(BNTap(node.name, bn.running_mean.detach().float(), bn.running_var.detach().float()))
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
     if not taps:
         raise BNTapError("the model has no BatchNorm layer: data generation matches BatchNorm running statistics. "
                          "If its BatchNorm layers were folded into the convolutions (fuse_modules, "
@@ -111,6 +132,7 @@ def tap_bn_inputs(gm: fx.GraphModule) -> list[BNTap]:
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((output.args[0], tuple(stats)),)
     graph.lint()
+    gm.delete_all_unused_submodules()
     gm.recompile()
     return taps
 
