@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from mct_fx.graph_utils import model_device
@@ -264,7 +265,7 @@ def _bn_loss(stats, targets: _Targets, weights: Tensor, granularity: ImageGranul
 
 
 def _output_loss(output: Any, kind: OutputLoss) -> Tensor | float:
-    tensors = [t for t in _tensors(output) if t.dim() >= 1 and t.is_floating_point()]
+    tensors = [t for t in tree_leaves(output) if isinstance(t, Tensor) and t.dim() >= 1 and t.is_floating_point()]
     if kind is OutputLoss.NONE or not tensors:
         return 0.0
     loss = 0.0
@@ -273,17 +274,6 @@ def _output_loss(output: Any, kind: OutputLoss) -> Tensor | float:
         spread = rows.amax(1) - rows.amin(1)
         loss = loss + (-spread.mean() if kind is OutputLoss.NEGATIVE_MIN_MAX else 1 / (spread.mean() + EPS))
     return loss
-
-
-def _tensors(value: Any) -> Iterable[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
 
 
 def _layer_weights(kind: LayerWeighting, gm: fx.GraphModule, first: Tensor, pixels: _Pixels, targets: _Targets,
