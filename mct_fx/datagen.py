@@ -379,7 +379,7 @@ def generate_data(model: nn.Module, n_images: int, shape: Sequence[int], config:
     plateau = config.scheduler in (Scheduler.REDUCE_ON_PLATEAU, Scheduler.REDUCE_ON_PLATEAU_WITH_RESET)
     bar = tqdm(total=config.n_iter, desc="generating data", unit="it", disable=not verbose, leave=False)
     for iteration in range(config.n_iter):
-        bn_sum = out_sum = 0.0
+        bn_sum = out_sum = torch.zeros((), device=device)  # summed on the device: one host read per iteration
         order = torch.randperm(len(batches), generator=generator).tolist()
         for index in order:
             x = batches[index]
@@ -403,11 +403,12 @@ def generate_data(model: nn.Module, n_images: int, shape: Sequence[int], config:
                 schedulers[index].step(value)
             elif schedulers[index] is not None:
                 schedulers[index].step()
-            bn_sum += float(bn.detach())
-            out_sum += float(out.detach()) if isinstance(out, Tensor) else out
+            bn_sum = bn_sum + bn.detach()
+            out_sum = out_sum + (out.detach() if isinstance(out, Tensor) else out)
+        bn_mean, out_mean = (float(v) / len(batches) for v in (bn_sum, out_sum))
         if on_iteration is not None:
-            on_iteration(iteration, bn_sum / len(batches), out_sum / len(batches))
-        bar.set_postfix(bn_loss=f"{bn_sum / len(batches):.4g}", refresh=False)
+            on_iteration(iteration, bn_mean, out_mean)
+        bar.set_postfix(bn_loss=f"{bn_mean:.4g}", refresh=False)
         bar.update()
     bar.close()
     with torch.no_grad():
