@@ -12,6 +12,10 @@ reads grad and x, writes grad_x backward; torch's ops also write and read a
 * ``fwd+bwd``: forward and STE backward through autograd;
 * ``lsq fwd+bwd``: with learnable scale and zero point, against
   ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``.
+
+Each backward starts from ``grad = None`` (no accumulation pass).  On CUDA each size also
+times a device-to-device copy (8 bytes per element: the memory system's practical peak)
+and the ``of copy`` column is mct_fx's GB/s over it.
 """
 
 from __future__ import annotations
@@ -72,9 +76,11 @@ def _cases(n: int, per_channel: bool, device: str):
     xg = x.clone().requires_grad_(True)
 
     def ours_bwd():
+        xg.grad = None
         kernels.fake_quant(xg, scale, zp, QMIN, QMAX, axis).backward(g)
 
     def torch_bwd():
+        xg.grad = None
         if per_channel:
             torch.fake_quantize_per_channel_affine(xg, scale, zp_int, 1, QMIN, QMAX).backward(g)
         else:
@@ -85,9 +91,11 @@ def _cases(n: int, per_channel: bool, device: str):
     z_t = (zp if per_channel else zp.reshape(1)).clone().requires_grad_(True)
 
     def ours_lsq():
+        xg.grad = s_l.grad = z_l.grad = None
         kernels.fake_quant(xg, s_l, z_l, QMIN, QMAX, axis).backward(g)
 
     def torch_lsq():
+        xg.grad = s_t.grad = z_t.grad = None
         if per_channel:
             torch._fake_quantize_learnable_per_channel_affine(xg, s_t, z_t, 1, QMIN, QMAX, 1.0).backward(g)
         else:
@@ -97,6 +105,13 @@ def _cases(n: int, per_channel: bool, device: str):
                        "lsq fwd+bwd": (ours_lsq, torch_lsq)}
 
 
+def _copy_bandwidth(n: int, device: str) -> float:
+    """GB/s of a device-to-device copy of ``n`` float32 values (read + write)."""
+    x = torch.randn(n, device=device)
+    y = torch.empty_like(x)
+    return n * 8 / _timeit(lambda: y.copy_(x), device) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1e5,1e6,1e7")
@@ -104,8 +119,11 @@ def main() -> None:
     args = parser.parse_args()
     print(f"mct_fx backend: {kernels.backend()}, device: {args.device}, threads: {torch.get_num_threads()}")
     print(f"{'elements':>9s} {'grid':11s} {'pass':12s} {'mct_fx ms':>10s} {'GB/s':>7s} "
-          f"{'torch ms':>9s} {'GB/s':>7s} {'ratio':>6s}")
+          f"{'torch ms':>9s} {'GB/s':>7s} {'ratio':>6s} {'of copy':>7s}")
     for size in (int(float(s)) for s in args.sizes.split(",")):
+        copy_gb = _copy_bandwidth(size, args.device) if args.device == "cuda" else None
+        if copy_gb:
+            print(f"{size:9.0e} {'copy':11s} {'x -> y':12s} {'':>10s} {copy_gb:7.2f}")
         for per_channel in (False, True):
             n, cases = _cases(size, per_channel, args.device)
             for name, (ours, theirs) in cases.items():
@@ -113,8 +131,10 @@ def main() -> None:
                 gb_ours = n * BYTES[name]["mct_fx"] / t_ours / 1e9
                 gb_torch = n * BYTES[name]["torch"] / t_torch / 1e9
                 grid = "per-channel" if per_channel else "per-tensor"
+                of_copy = f"{gb_ours / copy_gb:7.0%}" if copy_gb else ""
                 print(f"{n:9.0e} {grid:11s} {name:12s} {t_ours * 1e3:10.3f} {gb_ours:7.2f} {t_torch * 1e3:9.3f} "
-                      f"{gb_torch:7.2f} {t_torch / t_ours:6.2f}", flush=True)
+                      f"{gb_torch:7.2f} {t_torch / t_ours:6.2f} {of_copy}", flush=True)
+            del cases, ours, theirs  # free the device memory before the next size
 
 
 if __name__ == "__main__":

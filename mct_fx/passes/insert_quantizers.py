@@ -8,7 +8,8 @@ Reads ``node.meta["mct_fx"]`` (see :mod:`mct_fx.tpc.matching`):
   quantizes it) of every Conv/ConvTranspose/FullyConnected node in functional
   form, named ``<node>_weight_quant`` / ``<node>_bias_quant``.
 
-New quantizers start in ``observe`` mode.  The pass is deterministic, so a
+New quantizers start in ``observe`` mode, on the device of what they quantize
+(the weight's; the model's for activations), so no grid crosses devices per call.  The pass is deterministic, so a
 model prepared twice has identical module names and ``state_dict`` keys.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx
 
-from mct_fx.graph_utils import attr_value
+from mct_fx.graph_utils import attr_value, model_device
 from mct_fx.quantizers.lut import LutActivationQuantizer, LutWeightQuantizer
 from mct_fx.quantizers.modules import ActivationQuantizer, WeightQuantizer
 from mct_fx.tpc.matching import annotation
@@ -47,7 +48,7 @@ def _insert_weight_quantizer(gm: fx.GraphModule, node: fx.Node, index: int, suff
     if not cfg.enabled or tensor is None:
         return
     name = f"{node.name}_{suffix}_quant"
-    gm.add_submodule(name, weight_quantizer(cfg, tensor, axis if tensor.dim() > 1 else 0))
+    gm.add_submodule(name, weight_quantizer(cfg, tensor, axis if tensor.dim() > 1 else 0).to(tensor.device))
     with gm.graph.inserting_before(node):
         q = gm.graph.call_module(name, (source,))
     q.meta[QUANTIZED_FROM] = node.name
@@ -66,6 +67,7 @@ def _only_relu_users(node: fx.Node) -> bool:
 
 def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     """Insert quantizers from the annotations, in place; returns ``gm``."""
+    device = model_device(gm)
     for node in list(gm.graph.nodes):
         ann = annotation(node)
         if ann is None or ann.config is None:
@@ -81,7 +83,7 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             if signed is None and _only_relu_users(node):
                 signed = False  # negatives become 0 downstream anyway: spend every code on the positive side
             cls = LutActivationQuantizer if cfg.activation_method.is_lut else ActivationQuantizer
-            gm.add_submodule(name, cls(cfg.activation_method, cfg.activation_n_bits, signed))
+            gm.add_submodule(name, cls(cfg.activation_method, cfg.activation_n_bits, signed).to(device))
             with gm.graph.inserting_after(node):
                 q = gm.graph.call_module(name, (node,))
             node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
