@@ -23,9 +23,11 @@ from mct_fx.pruning import Importance, PruningConfig, PruningInfo, prune
 from mct_fx.ptq import prepare, quantize, summary
 from mct_fx.qat import QATConfig, QATMethod, qat_finalize, qat_prepare
 from mct_fx.quantizers import ActivationQuantizer, ErrorMethod, QuantMethod, WeightQuantizer
+from mct_fx.report import Comparison, compare
 from mct_fx.resources import ResourceUtilization, resource_utilization
 from mct_fx.tpc import Signedness, TargetPlatformCapabilities, TPCError, get_tpc, load_tpc, save_tpc
 from mct_fx.trace import TraceError, trace
+from mct_fx.troubleshoot import TroubleshootConfig, TroubleshootReport, troubleshoot
 
 __version__ = "0.1.0"
 
@@ -38,5 +40,6 @@ __all__ = [
     "OutputDistance", "HessianService", "HessianConfig", "Granularity", "gptq", "GPTQConfig", "GPTQReport",
     "Rounding", "LossWeighting", "qat_prepare", "qat_finalize", "QATConfig", "QATMethod", "prune", "PruningConfig",
     "PruningInfo", "Importance", "generate_data", "bn_alignment", "DataGenConfig", "DataInit", "ImageGranularity",
-    "LayerWeighting", "OutputLoss", "Scheduler",
+    "LayerWeighting", "OutputLoss", "Scheduler", "compare", "Comparison", "troubleshoot", "TroubleshootConfig",
+    "TroubleshootReport",
 ]

@@ -1,4 +1,4 @@
-"""The ``mct-fx`` command: ``quantize``, ``demo``, ``tpc list`` / ``tpc show``.
+"""The ``mct-fx`` command: ``quantize``, ``report``, ``demo``, ``tpc list`` / ``tpc show``.
 
 Errors print one line (``mct-fx: error: ...``) and exit with status 2; ``--debug``
 shows the traceback instead.
@@ -29,38 +29,50 @@ class CLIError(Exception):
 # ------------------------------------------------------------------ arguments
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments that build a quantized model (``quantize`` and ``report``)."""
+    p.add_argument("--model", required=True, help="torchvision:NAME | PATH.py:FACTORY | demo")
+    p.add_argument("--weights", help="a state_dict file; for torchvision models also a weights name "
+                                      "(DEFAULT, IMAGENET1K_V1, ...) found in the torch hub cache")
+    p.add_argument("--calib", required=True,
+                   help="imagefolder:DIR | fashion-mnist | synthetic (data-free: generated from the model's "
+                        "BatchNorm statistics) | random (standard-normal noise, for a smoke run)")
+    p.add_argument("--n-calib", type=int, default=256, help="calibration images (default 256)")
+    p.add_argument("--datagen-iters", type=int, default=500,
+                   help="--calib synthetic: optimization passes over the images (default 500)")
+    p.add_argument("--pixel-normalization", choices=("torchvision", "symmetric", "none"),
+                   help="--calib synthetic: how the model normalizes pixels in [0, 1]: ImageNet mean/std, "
+                        "[-1, 1], or none (default: none for the demo model, torchvision otherwise)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224, help="imagefolder resize/crop size (default 224)")
+    p.add_argument("--input-shape", help="C,H,W of one input for synthetic/random data (default: the model's "
+                                          "input_shape attribute, else 3,IMAGE_SIZE,IMAGE_SIZE)")
+    p.add_argument("--tpc", default="imx500", help="built-in target name or a TPC .json file (default imx500)")
+    p.add_argument("--weights-memory", type=_budget, metavar="F|BYTES",
+                   help="mixed precision under this weights budget: a fraction of the float model's weights "
+                        "(0.2) or bytes (250000)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--log-dir", help="TensorBoard logs of the pipeline go here (see mct_fx.tensorboard)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mct-fx", description="PyTorch-native model compression on torch.fx graphs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="post-training quantization of a model, exported as QDQ ONNX")
-    q.add_argument("--model", required=True, help="torchvision:NAME | PATH.py:FACTORY | demo")
-    q.add_argument("--weights", help="a state_dict file; for torchvision models also a weights name "
-                                      "(DEFAULT, IMAGENET1K_V1, ...) found in the torch hub cache")
-    q.add_argument("--calib", required=True,
-                   help="imagefolder:DIR | fashion-mnist | synthetic (data-free: generated from the model's "
-                        "BatchNorm statistics) | random (standard-normal noise, for a smoke run)")
-    q.add_argument("--n-calib", type=int, default=256, help="calibration images (default 256)")
-    q.add_argument("--datagen-iters", type=int, default=500,
-                   help="--calib synthetic: optimization passes over the images (default 500)")
-    q.add_argument("--pixel-normalization", choices=("torchvision", "symmetric", "none"),
-                   help="--calib synthetic: how the model normalizes pixels in [0, 1]: ImageNet mean/std, "
-                        "[-1, 1], or none (default: none for the demo model, torchvision otherwise)")
-    q.add_argument("--batch-size", type=int, default=32)
-    q.add_argument("--image-size", type=int, default=224, help="imagefolder resize/crop size (default 224)")
-    q.add_argument("--input-shape", help="C,H,W of one input for synthetic/random data (default: the model's "
-                                          "input_shape attribute, else 3,IMAGE_SIZE,IMAGE_SIZE)")
-    q.add_argument("--tpc", default="imx500", help="built-in target name or a TPC .json file (default imx500)")
-    q.add_argument("--weights-memory", type=_budget, metavar="F|BYTES",
-                   help="mixed precision under this weights budget: a fraction of the float model's weights "
-                        "(0.2) or bytes (250000)")
+    _model_arguments(q)
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--opset", type=int, help="ONNX opset (default 20, 21 for 16-bit grids)")
     q.add_argument("--onnx-weights", choices=("int8", "uint8"), default="int8",
                    help="weight codes in the ONNX file; uint8 keeps onnxruntime exact on x86 CPUs without VNNI")
-    q.add_argument("--quiet", action="store_true", help="no progress bar")
-    q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    r = sub.add_parser("report", help="quantize, then troubleshoot: per-layer comparison with the float model, "
+                                      "degraded layers and their likely causes (report.json + report.html)")
+    _model_arguments(r)
+    r.add_argument("--out", required=True, help="output folder for report.json and report.html")
+    r.add_argument("--sqnr-db", type=float, default=20.0, help="flag layers below this SQNR (default 20 dB)")
 
     d = sub.add_parser("demo", help="quantize the embedded Fashion-MNIST CNN (no download, < 1 min)")
     d.add_argument("--out", default="mct_fx_demo", help="where model.onnx goes (default ./mct_fx_demo)")
@@ -81,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"quantize": _quantize, "demo": _demo, "tpc": _tpc}[args.command](args)
+        return {"quantize": _quantize, "report": _report, "demo": _demo, "tpc": _tpc}[args.command](args)
     except KeyboardInterrupt:
         print("mct-fx: interrupted", file=sys.stderr)
         return 130
@@ -192,9 +204,9 @@ def _budget(text: str) -> float:
     return value
 
 
-def _quantize(args: argparse.Namespace) -> int:
+def _build(args: argparse.Namespace) -> tuple:
+    """Model, calibration data and the quantized model as the shared arguments ask, with timings."""
     import mct_fx
-    from mct_fx.export import export_onnx
     from mct_fx.resources import float_weights_memory
 
     target = mct_fx.get_tpc(args.tpc)  # a bad --tpc fails before the model is built
@@ -206,10 +218,31 @@ def _quantize(args: argparse.Namespace) -> int:
     start = time.time()
     loader = calibration_loader(args.calib, args.n_calib, args.batch_size, _input_shape(args, model), model, args)
     calib_seconds = time.time() - start
-    out = Path(args.out)  # created once quantization succeeded: no half-done output folder
     start = time.time()
-    qmodel = mct_fx.quantize(model, loader, target, target=budget, verbose=not args.quiet)
-    seconds = time.time() - start
+    qmodel = mct_fx.quantize(model, loader, target, mct_fx.QuantConfig(log_dir=args.log_dir), target=budget,
+                             verbose=not args.quiet)
+    return model, loader, qmodel, target, calib_seconds, time.time() - start
+
+
+def _report(args: argparse.Namespace) -> int:
+    import mct_fx
+
+    model, loader, qmodel, _, _, seconds = _build(args)
+    print(f"quantized in {seconds:.1f} s; troubleshooting on the calibration data\n")
+    report = mct_fx.troubleshoot(model, qmodel, loader, mct_fx.TroubleshootConfig(sqnr_db=args.sqnr_db),
+                                 verbose=True)
+    json_path, html_path = report.write(args.out)
+    print(f"\nwrote {json_path}, {html_path}")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import mct_fx
+    from mct_fx.export import export_onnx
+    from mct_fx.resources import float_weights_memory
+
+    model, loader, qmodel, target, calib_seconds, seconds = _build(args)
+    out = Path(args.out)  # created once quantization succeeded: no half-done output folder
     example = loader if isinstance(loader, torch.Tensor) else next(iter(loader))
     example = example[0] if isinstance(example, (list, tuple)) else example
     export = export_onnx(qmodel, example[:8], out / "model.onnx", opset=args.opset, weights_dtype=args.onnx_weights)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from mct_fx.mixed_precision.config import MixedPrecisionConfig
@@ -90,6 +91,10 @@ class QuantConfig:
     offers them), schemes and error methods, as :class:`LayerOverride` items.
 
     ``mixed_precision``: settings of the bit-width search that ``quantize(..., target=...)`` runs.
+
+    ``log_dir``: write TensorBoard logs there (graphs per stage, calibration
+    histograms, thresholds, per-layer similarity, mixed-precision choice, GPTQ
+    losses; see :mod:`mct_fx.tensorboard`).
     """
 
     activation_error_method: ErrorMethod = ErrorMethod.MSE
@@ -109,6 +114,7 @@ class QuantConfig:
     concat_threshold_update: bool = False
     overrides: tuple[LayerOverride, ...] = ()
     mixed_precision: MixedPrecisionConfig = MixedPrecisionConfig()
+    log_dir: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "activation_error_method", ErrorMethod(self.activation_error_method))
@@ -123,5 +129,9 @@ class QuantConfig:
             raise ValueError(f"lp_norm must be > 0, got {self.lp_norm}")
         if not self.z_threshold > 0:
             raise ValueError(f"z_threshold must be > 0 (inf: off), got {self.z_threshold}")
+        if self.log_dir is not None:
+            if not isinstance(self.log_dir, str | os.PathLike):
+                raise TypeError(f"log_dir must be a path, got {type(self.log_dir).__name__}")
+            object.__setattr__(self, "log_dir", os.fspath(self.log_dir))
         if not 0 < self.shift_negative_ratio < 1:
             raise ValueError(f"shift_negative_ratio must be in (0, 1), got {self.shift_negative_ratio}")

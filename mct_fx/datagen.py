@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from mct_fx.graph_utils import model_device
 from mct_fx.passes.tap_bn_inputs import BNTap, BNTapError, tap_bn_inputs
+from mct_fx.tensorboard import TensorBoardLogger
 from mct_fx.trace import trace
 
 __all__ = ["generate_data", "bn_alignment", "DataGenConfig", "DataInit", "LayerWeighting", "ImageGranularity",
@@ -88,7 +89,8 @@ class DataGenConfig:
     that much larger than the image (random crops while optimizing, the centre
     at the end); ``smoothing_sigma``: a 3x3 Gaussian blur in the image path
     (None: none); ``flip``: random horizontal flips.  ``autocast``: bfloat16
-    autocast (default: on CUDA only).
+    autocast (default: on CUDA only).  ``log_dir``: TensorBoard scalars
+    ``datagen/bn_loss`` and ``datagen/output_loss`` per iteration.
     """
 
     n_iter: int = 500
@@ -108,6 +110,7 @@ class DataGenConfig:
     flip: bool = True
     autocast: bool | None = None
     seed: int = 0
+    log_dir: str | None = None
 
     def __post_init__(self):
         for name, cls in (("scheduler", Scheduler), ("output_loss", OutputLoss), ("layer_weighting", LayerWeighting),
@@ -378,6 +381,7 @@ def generate_data(model: nn.Module, n_images: int, shape: Sequence[int], config:
                 aggregate.set(i, *_concat(gm(pixels.finalize(b))[1]))
     plateau = config.scheduler in (Scheduler.REDUCE_ON_PLATEAU, Scheduler.REDUCE_ON_PLATEAU_WITH_RESET)
     bar = tqdm(total=config.n_iter, desc="generating data", unit="it", disable=not verbose, leave=False)
+    board = TensorBoardLogger(config.log_dir)
     for iteration in range(config.n_iter):
         bn_sum = out_sum = torch.zeros((), device=device)  # summed on the device: one host read per iteration
         order = torch.randperm(len(batches), generator=generator).tolist()
@@ -408,9 +412,12 @@ def generate_data(model: nn.Module, n_images: int, shape: Sequence[int], config:
         bn_mean, out_mean = (float(v) / len(batches) for v in (bn_sum, out_sum))
         if on_iteration is not None:
             on_iteration(iteration, bn_mean, out_mean)
+        board.scalar("datagen/bn_loss", bn_mean, iteration)
+        board.scalar("datagen/output_loss", out_mean, iteration)
         bar.set_postfix(bn_loss=f"{bn_mean:.4g}", refresh=False)
         bar.update()
     bar.close()
+    board.close()
     with torch.no_grad():
         return torch.cat([pixels.finalize(b.detach()) for b in batches]).float()
 

@@ -38,6 +38,7 @@ from mct_fx.quantizers.modules import ActivationQuantizer, FakeQuantizer
 from mct_fx.quantizers.params import QuantMethod
 from mct_fx.quantizers.trainable import GradualQuantizer, SoftRounding, STERounding
 from mct_fx.resources import ResourceUtilization
+from mct_fx.tensorboard import TensorBoardLogger
 from mct_fx.tpc.builtin import get_tpc
 
 __all__ = ["GPTQConfig", "Rounding", "LossWeighting", "GPTQReport", "gptq", "GPTQ_KEY"]
@@ -223,7 +224,7 @@ def gptq(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", conf
     device = model_device(model)
     batches = [to_device(b, device) for b in iter_batches(calib_loader, n_batches)]
     loader = [kwargs or args[0] for args, kwargs in batches]
-    teacher = prepare(model, loader[0], platform, quant_config, leaf_modules=leaf_modules,
+    teacher = prepare(model, loader[0], platform, replace(quant_config, log_dir=None), leaf_modules=leaf_modules,
                       concrete_args=concrete_args)  # before quantize: with inplace=True, that edits the model
     for q in teacher.modules():
         if isinstance(q, FakeQuantizer):
@@ -233,7 +234,9 @@ def gptq(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", conf
                        leaf_modules=leaf_modules, concrete_args=concrete_args)
     trainables = Trainables(student, config)
     try:
-        report = _train(student, teacher, trainables, batches, config, verbose)
+        board = TensorBoardLogger(quant_config.log_dir)
+        report = _train(student, teacher, trainables, batches, config, verbose, board)
+        board.close()
     finally:
         trainables.restore()
     student.meta[GPTQ_KEY] = report
@@ -243,7 +246,7 @@ def gptq(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", conf
 
 
 def _train(student: fx.GraphModule, teacher: fx.GraphModule, trainables: Trainables, batches: list[ModelInputs],
-           config: GPTQConfig, verbose: bool) -> GPTQReport:
+           config: GPTQConfig, verbose: bool, board: TensorBoardLogger) -> GPTQReport:
     layers = trainables.layers
     if not layers:
         log.warning("GPTQ: no layer with a uniform kernel grid to train; the PTQ result is returned")
@@ -288,6 +291,7 @@ def _train(student: fx.GraphModule, teacher: fx.GraphModule, trainables: Trainab
                 total += distance.detach()
                 bar.update()
             epoch_losses.append(float(total) / len(batches))  # one host sync per epoch, not per step
+            board.scalar("gptq/distance", epoch_losses[-1], len(epoch_losses))
             bar.set_postfix(distance=f"{epoch_losses[-1]:.4g}")
     return GPTQReport(len(layers), steps, tuple(epoch_losses), hessian_seconds, time.perf_counter() - start,
                       targets is not None)

@@ -33,7 +33,9 @@ from mct_fx.passes.unify_concat import unify_concat_grids
 from mct_fx.quant_summary import QuantSummary, summarize
 from mct_fx.quantizers.modules import quantizers_off
 from mct_fx.quantizers.search import ErrorMethod
+from mct_fx.report import CONFIG_KEY
 from mct_fx.resources import ResourceUtilization
+from mct_fx.tensorboard import TensorBoardLogger
 from mct_fx.tpc.builtin import get_tpc
 from mct_fx.tpc.matching import annotate, annotation, describe_target
 from mct_fx.tpc.schema import TargetPlatformCapabilities
@@ -45,6 +47,7 @@ log = logging.getLogger("mct_fx")
 SUMMARY_KEY = "mct_fx.summary"
 SECOND_MOMENT_BATCHES = 4  # calibration batches the second-moment correction measures on
 HMSE_IMAGES = 32  # calibration images the Hessian of the HMSE error method is estimated on
+SIMILARITY_BATCHES = 2  # calibration batches the TensorBoard per-layer similarity is measured on
 TPCLike = str | os.PathLike | TargetPlatformCapabilities
 
 
@@ -61,6 +64,8 @@ def prepare(model: nn.Module, example_batch: Any, tpc: TPCLike = "imx500", confi
     inputs = to_device(split_batch(example_batch, 0), model_device(model))
     gm = trace(model, inputs, leaf_modules=leaf_modules,
                concrete_args=concrete_args, inplace=inplace)
+    board = TensorBoardLogger(config.log_dir)
+    board.graph("1_traced", gm, inputs[0])
     functionalize_layers(gm)
     fold_batchnorm(gm)
     if config.linear_collapsing:
@@ -69,6 +74,8 @@ def prepare(model: nn.Module, example_batch: Any, tpc: TPCLike = "imx500", confi
         collapse_residuals(gm)
     if config.activation_channel_equalization:
         equalize_channels(gm, inputs)
+    board.graph("2_passes", gm, inputs[0])
+    board.close()
     unknown = annotate(gm, target)
     for node in unknown:
         log.info("node %s (%s): op not in the vocabulary, left float", node.name, describe_target(node, gm))
@@ -112,6 +119,8 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     retained: list = []  # the first batches: for the second-moment pass and the mixed-precision sensitivities
     stream = itertools.chain([first], batches)
     keep_batches = SECOND_MOMENT_BATCHES if config.weights_second_moment_correction else 0
+    if config.log_dir is not None:
+        keep_batches = max(keep_batches, SIMILARITY_BATCHES)
     keep_images = config.mixed_precision.n_images if search is not None else 0
     hmse_layers = _hmse_layers(gm, config)
     if hmse_layers:
@@ -119,6 +128,8 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     if keep_batches or keep_images:
         stream = _keep_first(stream, retained, keep_batches, keep_images)
     n = calibrate(gm, stream, verbose=verbose, total=total)
+    board = TensorBoardLogger(config.log_dir)
+    board.calibration(gm)
     input_means = {name: obs.mean() for name, obs in observers.items()}
     remove_observers(gm)
     if config.softmax_shift:
@@ -145,8 +156,26 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
         correct_biases(gm, input_means, config.weights_error_method, config.lp_norm)
     summary = summarize(gm, mixed)
     gm.meta[SUMMARY_KEY] = summary
+    gm.meta[CONFIG_KEY] = config  # mct_fx.compare prepares the float model the same way
+    if board.enabled:
+        _log_result(board, model, gm, retained[:SIMILARITY_BATCHES], mixed, inplace)
     log.info("quantized with %s on %d calibration batches\n%s", gm.meta["mct_fx.tpc"], n, summary)
     return gm
+
+
+def _log_result(board: TensorBoardLogger, model: nn.Module, gm: fx.GraphModule, batches: list, mixed: Any,
+                inplace: bool) -> None:
+    """TensorBoard: the chosen grids, the bit-widths, the quantized graph and the per-layer similarity."""
+    from mct_fx.report import compare
+
+    board.thresholds(gm)
+    board.mixed_precision(mixed)
+    args, _ = to_device(batches[0], model_device(gm))
+    board.graph("3_quantized", gm, args)
+    loader = [kwargs or (args[0] if len(args) == 1 else None) for args, kwargs in batches]  # as a loader yields
+    if not inplace and None not in loader:  # with inplace=True the float model is gone
+        board.similarity(compare(model, gm, loader))
+    board.close()
 
 
 def _hmse_layers(gm: fx.GraphModule, config: QuantConfig) -> list[str]:

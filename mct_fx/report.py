@@ -1,0 +1,379 @@
+"""Per-layer comparison of a float model and its quantized version (``mct_fx.compare``).
+
+Every layer of the quantized graph is compared on its output as the next layer
+reads it (after its activation quantizer), against the same node of a float
+reference: the float model prepared again the same way (same passes, same node
+names; BN folding and collapsing keep the float function), run with its
+quantizers off.  Where that is not possible (a model quantized by an older
+version, or a graph that prepares differently), the reference is the quantized
+model itself with its quantizers off, and the comparison says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.utils._pytree import tree_leaves
+
+from mct_fx.data import iter_batches, to_device
+from mct_fx.graph_utils import model_device
+from mct_fx.quant_summary import summarize
+from mct_fx.quantizers.modules import FakeQuantizer, quantizers_off
+
+__all__ = ["compare", "Comparison", "LayerComparison", "ActivationStats", "METRICS", "CONFIG_KEY"]
+
+CONFIG_KEY = "mct_fx.config"  # qmodel.meta: the QuantConfig the model was quantized with
+HIGHER_IS_BETTER = {"sqnr": True, "cosine": True, "mse": False}
+METRICS = tuple(HIGHER_IS_BETTER)
+SAMPLE_VALUES = 4096  # float activation values kept per layer for histograms
+MetricLike = str | Callable[[Tensor, Tensor], Any]
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """The float activation of a layer, over the representative data."""
+
+    min: float
+    max: float
+    mean: float
+    std: float
+    channel_absmax: tuple[float, ...]  # per channel (dim 1) for tensors of rank >= 2; () otherwise
+    sample: tuple[float, ...]  # up to SAMPLE_VALUES values, for plots
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "mean": self.mean, "std": self.std,
+                "channel_absmax": list(self.channel_absmax)}
+
+
+@dataclass(frozen=True)
+class LayerComparison:
+    node: str
+    op: str
+    weights: str
+    activation: str
+    grid: str  # activation grid range "lo..hi" ("" when not quantized)
+    metrics: dict[str, float]
+    validation: dict[str, float] | None
+    stats: ActivationStats
+    inputs: tuple[str, ...] = ()  # the compared layers this one reads (for concat diagnosis)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "op": self.op, "weights": self.weights, "activation": self.activation,
+                "grid": self.grid, "metrics": self.metrics, "validation": self.validation,
+                "inputs": list(self.inputs), "stats": self.stats.to_dict()}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Per-layer metrics, worst layer first by the first metric; ``output``: the model's output."""
+
+    layers: tuple[LayerComparison, ...]
+    output: dict[str, float]
+    output_validation: dict[str, float] | None
+    metrics: tuple[str, ...]
+    reference: str
+    graph_order: tuple[str, ...] = field(default=())  # layer names in execution order
+
+    def layer(self, node: str) -> LayerComparison:
+        for row in self.layers:
+            if row.node == node:
+                return row
+        raise KeyError(f"no compared layer named {node!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": list(self.metrics), "reference": self.reference, "output": _jsonable(self.output),
+                "output_validation": _jsonable(self.output_validation),
+                "layers": [_jsonable(r.to_dict()) for r in self.layers]}
+
+    def __str__(self) -> str:
+        head = ["node", "op", "weights", "activation", *self.metrics]
+        if any(r.validation for r in self.layers):
+            head += [f"{m} (val)" for m in self.metrics]
+        rows = [head]
+        for r in (*self.layers, None):
+            metrics = self.output if r is None else r.metrics
+            validation = self.output_validation if r is None else r.validation
+            cells = ["(output)", "", "", ""] if r is None else [r.node, r.op, r.weights, r.activation]
+            cells += [_fmt(metrics[m]) for m in self.metrics]
+            if len(head) > len(cells):
+                cells += [_fmt(validation[m]) if validation else "" for m in self.metrics]
+            rows.append(cells)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return f"reference: {self.reference}\n" + "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    return "inf" if v == math.inf else f"{v:.4g}"
+
+
+def _jsonable(obj: Any) -> Any:
+    """JSON has no infinity: +-inf become the strings "inf" / "-inf"."""
+    if isinstance(obj, float) and math.isinf(obj):
+        return "inf" if obj > 0 else "-inf"
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------ metrics
+
+
+class _Accumulator:
+    """Sums over batches for one layer: signal and noise energy, cosine per sample, custom means."""
+
+    def __init__(self, customs: dict[str, Callable]):
+        self.signal = self.noise = self.cos_sum = 0.0
+        self.count = self.samples = self.batches = 0
+        self.custom = {name: 0.0 for name in customs}
+        self.customs = customs
+
+    def update(self, ref: Tensor, q: Tensor) -> None:
+        r, d = ref.detach().double(), (q.detach().double() - ref.detach().double())
+        self.signal += float(r.square().sum())
+        self.noise += float(d.square().sum())
+        self.count += r.numel()
+        rows_r = r.reshape(r.shape[0], -1) if r.dim() else r.reshape(1, 1)
+        rows_q = q.detach().double().reshape(rows_r.shape)
+        dot = (rows_r * rows_q).sum(1)
+        norms = rows_r.norm(dim=1) * rows_q.norm(dim=1)
+        same = (rows_r == rows_q).all(1)  # zero vectors included: identical is cosine 1
+        cos = torch.where(same, torch.ones_like(dot), dot / norms.clamp_min(1e-300))
+        self.cos_sum += float(cos.sum())
+        self.samples += cos.numel()
+        self.batches += 1
+        for name, fn in self.customs.items():
+            self.custom[name] += float(fn(ref, q))
+
+    def result(self, names: Sequence[str]) -> dict[str, float]:
+        out = {}
+        for name in names:
+            if name == "sqnr":
+                out[name] = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise)
+            elif name == "mse":
+                out[name] = self.noise / max(self.count, 1)
+            elif name == "cosine":
+                out[name] = self.cos_sum / max(self.samples, 1)
+            else:
+                out[name] = self.custom[name] / max(self.batches, 1)
+        return out
+
+
+class _Stats:
+    """Running float-activation statistics of one layer."""
+
+    def __init__(self):
+        self.lo, self.hi, self.sum, self.sq, self.n = math.inf, -math.inf, 0.0, 0.0, 0
+        self.channel: Tensor | None = None
+        self.sample: list[float] = []
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().float()
+        finite = x[torch.isfinite(x)]
+        if finite.numel():
+            self.lo, self.hi = min(self.lo, float(finite.min())), max(self.hi, float(finite.max()))
+            self.sum += float(finite.double().sum())
+            self.sq += float(finite.double().square().sum())
+            self.n += finite.numel()
+        if x.dim() >= 2 and x.shape[1] > 1:
+            amax = x.abs().transpose(0, 1).reshape(x.shape[1], -1).amax(1).cpu()
+            self.channel = amax if self.channel is None else torch.maximum(self.channel, amax)
+        if len(self.sample) < SAMPLE_VALUES and finite.numel():
+            g = torch.Generator().manual_seed(len(self.sample))
+            flat = finite.reshape(-1).cpu()
+            take = flat[torch.randperm(flat.numel(), generator=g)[:SAMPLE_VALUES - len(self.sample)]]
+            self.sample.extend(take.tolist())
+
+    def result(self) -> ActivationStats:
+        n = max(self.n, 1)
+        mean = self.sum / n
+        std = math.sqrt(max(self.sq / n - mean * mean, 0.0))
+        channel = tuple(self.channel.tolist()) if self.channel is not None else ()
+        return ActivationStats(self.lo, self.hi, mean, std, channel, tuple(self.sample))
+
+
+def _metric_names(metrics: Sequence[MetricLike]) -> tuple[tuple[str, ...], dict[str, Callable]]:
+    if isinstance(metrics, str) or callable(metrics):
+        metrics = (metrics,)
+    if not metrics:
+        raise ValueError("compare: give at least one metric")
+    names, customs = [], {}
+    for m in metrics:
+        if isinstance(m, str):
+            if m not in HIGHER_IS_BETTER:
+                raise ValueError(f"compare: unknown metric {m!r}; built in: {list(METRICS)}, or pass a function "
+                                 "(float_output, quantized_output) -> number (an error: higher is worse)")
+            names.append(m)
+        elif callable(m):
+            name = getattr(m, "__name__", None) or f"metric{len(customs)}"
+            customs[name] = m
+            names.append(name)
+        else:
+            raise TypeError(f"compare: a metric is a name or a function, got {type(m).__name__}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare: metric names repeat: {names}")
+    return tuple(names), customs
+
+
+def _badness(row_metrics: dict[str, float], name: str) -> float:
+    v = row_metrics[name]
+    return -v if HIGHER_IS_BETTER.get(name, False) else v
+
+
+# ------------------------------------------------------------------- graphs
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and hands the named nodes' outputs to ``sink(layer, tensor)`` as they appear."""
+
+    def __init__(self, gm: fx.GraphModule, taps: dict[str, str], sink: Callable[[str, Tensor], None]):
+        super().__init__(gm)
+        self.taps, self.sink = taps, sink
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        layer = self.taps.get(n.name)
+        if layer is not None and isinstance(out, Tensor):
+            self.sink(layer, out)
+        return out
+
+
+def _taps(gm: fx.GraphModule, layers: Iterable[str]) -> dict[str, str]:
+    """``{node to record: layer}``: a layer's activation quantizer when it has one, else the layer itself."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    by_target = {n.target: n.name for n in gm.graph.nodes if n.op == "call_module"}
+    taps = {}
+    for layer in layers:
+        if layer not in nodes:
+            continue
+        taps[by_target.get(f"{layer}_act_quant", layer)] = layer
+    return taps
+
+
+def _layer_inputs(gm: fx.GraphModule, layers: set[str]) -> dict[str, tuple[str, ...]]:
+    """For each layer, the compared layers whose (quantized) outputs it reads."""
+    quantized_from = {n.name: n.args[0].name for n in gm.graph.nodes
+                      if n.op == "call_module" and str(n.target).endswith("_act_quant") and n.args}
+    out = {}
+    for n in gm.graph.nodes:
+        if n.name not in layers:
+            continue
+        found = []
+        for a in n.all_input_nodes:
+            name = quantized_from.get(a.name, a.name)
+            if name in layers and name not in found:
+                found.append(name)
+        out[n.name] = tuple(found)
+    return out
+
+
+def _reference(float_model: nn.Module, qmodel: fx.GraphModule, example: Any,
+               taps: dict[str, str]) -> tuple[fx.GraphModule, str]:
+    """The float graph to compare against, and what it is."""
+    from mct_fx.ptq import prepare  # ptq imports this module's CONFIG_KEY
+
+    config, tpc = qmodel.meta.get(CONFIG_KEY), qmodel.meta.get("mct_fx.tpc")
+    if config is not None and tpc is not None:
+        try:
+            ref = prepare(float_model, example, tpc, replace(config, log_dir=None))
+        except Exception:  # noqa: BLE001 - any failure: fall back to the quantizers-off twin below
+            ref = None
+        if ref is not None and set(taps) <= {n.name for n in ref.graph.nodes}:
+            return ref, "float model (prepared again: same passes and node names, quantizers off)"
+    return copy.deepcopy(qmodel), "quantized model with its quantizers off (the float model could not be aligned)"
+
+
+def _run(gm: fx.GraphModule, taps: dict[str, str], inputs: Any, sink: Callable[[str, Tensor], None]) -> Any:
+    args, kwargs = inputs
+    if kwargs:
+        placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        args = (*args, *(kwargs[p] for p in placeholders[len(args):] if p in kwargs))
+    with torch.no_grad():
+        return _Recorder(gm, taps, sink).run(*args)
+
+
+def _measure(ref: fx.GraphModule, qmodel: fx.GraphModule, taps: dict[str, str], ref_taps: dict[str, str],
+             loader: Iterable, n_batches: int | None, names: tuple[str, ...], customs: dict[str, Callable],
+             stats: dict[str, _Stats] | None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    device = model_device(qmodel)
+    acc = {layer: _Accumulator(customs) for layer in taps.values()}
+    out_acc = _Accumulator(customs)
+    float_values: dict[str, Tensor] = {}  # this batch's float outputs, until the quantized run scores them
+
+    def keep(layer: str, t: Tensor) -> None:
+        float_values[layer] = t
+        if stats is not None and layer in stats:
+            stats[layer].update(t)
+
+    def score(layer: str, t: Tensor) -> None:
+        ref_t = float_values.pop(layer, None)
+        if ref_t is not None and ref_t.shape == t.shape:
+            acc[layer].update(ref_t, t)
+
+    for inputs in iter_batches(loader, n_batches):
+        inputs = to_device(inputs, device)
+        float_values.clear()
+        with quantizers_off(ref):
+            ref_out = _run(ref, ref_taps, inputs, keep)
+        q_out = _run(qmodel, taps, inputs, score)
+        r_leaves = [t for t in tree_leaves(ref_out) if isinstance(t, Tensor)]
+        q_leaves = [t for t in tree_leaves(q_out) if isinstance(t, Tensor)]
+        out_acc.update(torch.cat([t.reshape(t.shape[0] if t.dim() else 1, -1) for t in r_leaves], 1),
+                       torch.cat([t.reshape(t.shape[0] if t.dim() else 1, -1) for t in q_leaves], 1))
+    return {layer: a.result(names) for layer, a in acc.items() if a.batches}, out_acc.result(names)
+
+
+def compare(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,
+            metrics: Sequence[MetricLike] = ("sqnr", "cosine", "mse"), *, validation: Iterable | None = None,
+            n_batches: int | None = None) -> Comparison:
+    """Per-layer similarity of ``qmodel`` to ``float_model`` on ``loader`` (and ``validation``).
+
+    ``metrics``: names among ``METRICS`` ("sqnr" in dB, "cosine" per sample, "mse")
+    or functions ``(float_output, quantized_output) -> number`` (errors: higher is
+    worse), averaged over batches.  Rows are sorted worst first by the first metric;
+    each carries the float activation's statistics (range, mean, std, per-channel
+    maxima) that :func:`mct_fx.troubleshoot` reads.  Neither model is modified.
+    """
+    if not isinstance(qmodel, fx.GraphModule) or not any(isinstance(m, FakeQuantizer) for m in qmodel.modules()):
+        raise ValueError("compare: qmodel must be a model returned by mct_fx (a GraphModule with quantizers)")
+    names, customs = _metric_names(metrics)
+    summary = summarize(qmodel)
+    rows = {r.node: r for r in summary.layers}
+    taps = _taps(qmodel, rows)
+    first = next(iter_batches(loader, 1))
+    args, kwargs = first
+    example = args[0] if args and not kwargs else kwargs
+    was_training = float_model.training
+    float_model.eval()
+    try:
+        ref, reference = _reference(float_model, qmodel, example, taps)
+    finally:
+        float_model.train(was_training)
+    ref_taps = _taps(ref, rows)
+    ref.eval()
+    q_training = qmodel.training
+    qmodel.eval()
+    try:
+        stats = {layer: _Stats() for layer in taps.values()}
+        rep, out = _measure(ref, qmodel, taps, ref_taps, loader, n_batches, names, customs, stats)
+        val, val_out = ({}, None) if validation is None else _measure(ref, qmodel, taps, ref_taps, validation,
+                                                                       n_batches, names, customs, None)
+    finally:
+        qmodel.train(q_training)
+    inputs = _layer_inputs(qmodel, set(rep))
+    order = tuple(layer for layer in rows if layer in rep)
+    layers = [LayerComparison(layer, rows[layer].op, rows[layer].weights, rows[layer].activation, rows[layer].grid,
+                              rep[layer], val.get(layer) if validation is not None else None,
+                              stats[layer].result(), inputs.get(layer, ()))
+              for layer in order]
+    layers.sort(key=lambda r: _badness(r.metrics, names[0]), reverse=True)
+    return Comparison(tuple(layers), out, val_out, names, reference, order)

@@ -1,0 +1,287 @@
+"""Troubleshooting: which layers lose accuracy, the likely cause of each, and the knob to try.
+
+``troubleshoot(float_model, qmodel, loader)`` runs :func:`mct_fx.compare`, flags
+the degraded layers (SQNR or cosine below a threshold, or a large drop from the
+layer's inputs) and checks each against the usual causes, with the evidence:
+activation outliers (values many standard deviations out, or one channel far
+wider than the rest), a small negative tail on a signed grid that shift-negative
+correction would fix, concatenated inputs of very different ranges, a low
+bit-width (chosen by mixed precision or set by hand), and ops left float because
+the target does not know them.  Writes ``report.json`` and a self-contained
+``report.html`` (``mct_fx.report_html``) when given a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from torch import fx, nn
+
+from mct_fx.quant_summary import summarize
+from mct_fx.quantizers.modules import FakeQuantizer
+from mct_fx.report import CONFIG_KEY, Comparison, LayerComparison, MetricLike, _jsonable, compare
+from mct_fx.tpc.matching import annotation, describe_target
+
+__all__ = ["troubleshoot", "TroubleshootConfig", "TroubleshootReport", "Finding", "CAUSES"]
+
+CAUSES = ("low bit-width", "outlier channel", "outliers", "negative tail", "unbalanced concat", "unknown op",
+          "inherited", "unexplained")
+INHERIT_DB = 3.0  # a flagged layer within this many dB of a flagged input carries that input's loss
+
+
+@dataclass(frozen=True)
+class TroubleshootConfig:
+    """Thresholds of the troubleshooter.
+
+    A layer is flagged when its SQNR is below ``sqnr_db``, its cosine below
+    ``cosine``, or its SQNR is ``drop_db`` below the worst of its inputs' while
+    under ``sqnr_db + drop_db``.
+    Causes: activations reaching ``outlier_z`` standard deviations from the mean;
+    a channel ``channel_ratio`` times wider than the median channel; a negative
+    tail at most ``negative_tail_ratio`` of the positive range on a signed grid;
+    concatenated inputs whose ranges differ ``concat_ratio`` times; weights or
+    activations of at most ``low_bits`` bits.
+    """
+
+    sqnr_db: float = 20.0
+    cosine: float = 0.99
+    drop_db: float = 10.0
+    outlier_z: float = 12.0
+    channel_ratio: float = 8.0
+    negative_tail_ratio: float = 0.25
+    concat_ratio: float = 4.0
+    low_bits: int = 4
+
+    def __post_init__(self):
+        for name in ("drop_db", "outlier_z", "channel_ratio", "concat_ratio"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TroubleshootConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.negative_tail_ratio < 1:
+            raise ValueError(f"TroubleshootConfig.negative_tail_ratio must be in (0, 1), "
+                             f"got {self.negative_tail_ratio}")
+        if not -1 <= self.cosine <= 1:
+            raise ValueError(f"TroubleshootConfig.cosine must be in [-1, 1], got {self.cosine}")
+        if not 2 <= self.low_bits <= 16:
+            raise ValueError(f"TroubleshootConfig.low_bits must be in 2..16, got {self.low_bits}")
+
+
+@dataclass(frozen=True)
+class Finding:
+    node: str  # where the cause is: the flagged layer or one of the layers it reads
+    cause: str  # one of CAUSES
+    evidence: str
+    knob: str
+    seen_at: str = ""  # the flagged layer whose loss it explains (when not ``node`` itself)
+
+
+@dataclass(frozen=True)
+class TroubleshootReport:
+    comparison: Comparison
+    flagged: tuple[str, ...]  # degraded layers, worst first
+    findings: tuple[Finding, ...]
+    config: TroubleshootConfig
+
+    def causes(self, node: str) -> list[str]:
+        return [f.cause for f in self.findings if f.node == node]
+
+    def summary(self) -> str:
+        c = self.comparison
+        out = c.output
+        lines = ["output: " + ", ".join(f"{m} {_fmt(out[m])}" for m in c.metrics),
+                 f"{len(self.flagged)} of {len(c.layers)} layers flagged"
+                 + (f": {', '.join(self.flagged[:8])}{' ...' if len(self.flagged) > 8 else ''}" if self.flagged
+                    else "")]
+        for f in self.findings:
+            where = f" (loss seen at {f.seen_at})" if f.seen_at else ""
+            lines.append(f"- {f.node}{where}: {f.cause}. {f.evidence} Try: {f.knob}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "flagged": list(self.flagged),
+                "findings": [asdict(f) for f in self.findings], "comparison": self.comparison.to_dict()}
+
+    def write(self, out_dir: str | os.PathLike) -> tuple[str, str]:
+        """Write ``report.json`` and ``report.html`` into ``out_dir``; returns their paths."""
+        from mct_fx.report_html import render_html
+
+        os.makedirs(out_dir, exist_ok=True)
+        json_path, html_path = os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.html")
+        with open(json_path, "w") as f:
+            json.dump(_jsonable(self.to_dict()), f, indent=1)
+        with open(html_path, "w") as f:
+            f.write(render_html(self))
+        return json_path, html_path
+
+
+def _fmt(v: float) -> str:
+    return "inf" if v == math.inf else f"{v:.4g}"
+
+
+def _quantizer(gm: fx.GraphModule, name: str) -> FakeQuantizer | None:
+    try:
+        q = gm.get_submodule(name)
+    except AttributeError:
+        return None
+    return q if isinstance(q, FakeQuantizer) else None
+
+
+def _flag(row: LayerComparison, rows: dict[str, LayerComparison], cfg: TroubleshootConfig) -> bool:
+    sqnr, cos = row.metrics.get("sqnr"), row.metrics.get("cosine")
+    if sqnr is not None and sqnr < cfg.sqnr_db or cos is not None and cos < cfg.cosine:
+        return True
+    inputs = [rows[i].metrics["sqnr"] for i in row.inputs if i in rows and "sqnr" in rows[i].metrics]
+    # a large drop matters only where the result is not good anyway (60 -> 45 dB is no problem)
+    return (sqnr is not None and bool(inputs) and min(inputs) - sqnr >= cfg.drop_db
+            and sqnr < cfg.sqnr_db + cfg.drop_db)
+
+
+def _low_bits(node: str, gm: fx.GraphModule, cfg: TroubleshootConfig, mixed: Any) -> list[Finding]:
+    out = []
+    for kind, label, field in (("weight", "weights", "weights_n_bits"), ("act", "activations", "activation_n_bits")):
+        q = _quantizer(gm, f"{node}_{kind}_quant")
+        if q is None or q.n_bits > cfg.low_bits:
+            continue
+        pin = f"LayerOverride(name='{node}', {field}=8)"
+        if mixed is not None and node in mixed.bits:
+            why = f"mixed precision chose {mixed.bits[node]} under {mixed.target}"
+            knob = f"raise the ResourceUtilization budget, or pin this layer: {pin}"
+        else:
+            why, knob = "set by the target's base configuration or an override", pin
+        out.append(Finding(node, "low bit-width", f"{q.n_bits}-bit {label} ({why}).", knob))
+    return out
+
+
+def _outliers(row: LayerComparison, cfg: TroubleshootConfig, z_threshold: float | None) -> list[Finding]:
+    s, out = row.stats, []
+    channels = [c for c in s.channel_absmax if math.isfinite(c)]
+    if len(channels) >= 4:
+        median = statistics.median(channels)
+        top = max(range(len(channels)), key=channels.__getitem__)
+        if median > 0 and channels[top] >= cfg.channel_ratio * median:
+            out.append(Finding(row.node, "outlier channel",
+                               f"channel {top} reaches {channels[top]:.4g} while the median channel reaches "
+                               f"{median:.4g} ({channels[top] / median:.0f}x): one per-tensor grid leaves the "
+                               "other channels few codes.",
+                               "QuantConfig(activation_channel_equalization=True) (balances channels across "
+                               f"layer -> ReLU -> layer), or LayerOverride(name='{row.node}', activation_n_bits=16)"))
+    if s.std > 0:
+        z = max(s.max - s.mean, s.mean - s.min) / s.std
+        clipped = z_threshold is not None and z_threshold <= z  # the grid search already ignores them
+        if z >= cfg.outlier_z and not clipped:
+            current = "off" if z_threshold is None or math.isinf(z_threshold) else f"{z_threshold:g}"
+            out.append(Finding(row.node, "outliers",
+                               f"values reach {z:.0f} standard deviations from the mean (range {s.min:.4g}.."
+                               f"{s.max:.4g}, mean {s.mean:.4g}, std {s.std:.4g}).",
+                               f"QuantConfig(z_threshold=...) below {z:.0f} (now {current}) to clip them"))
+    return out
+
+
+def _negative_tail(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig, config: Any) -> list[Finding]:
+    q = _quantizer(gm, f"{row.node}_act_quant")
+    s = row.stats
+    if q is None or not q.signed or not q.method.symmetric_grid or s.min >= 0 or s.max <= 0:
+        return []
+    if q.zero_point.numel() == 1 and float(q.zero_point) != 0:
+        return []  # already shifted
+    ratio = -s.min / s.max
+    if ratio > cfg.negative_tail_ratio:
+        return []
+    if config is not None and not config.shift_negative_correction:
+        knob = "QuantConfig(shift_negative_correction=True)"
+    elif config is not None and ratio > config.shift_negative_ratio:
+        knob = f"QuantConfig(shift_negative_ratio={min(0.99, ratio * 1.1):.2f}) (now {config.shift_negative_ratio:g})"
+    else:
+        knob = ("shift-negative correction did not apply here (the op or its consumers cannot absorb the shift); "
+                f"LayerOverride(name='{row.node}', activation_n_bits=16)")
+    return [Finding(row.node, "negative tail",
+                    f"range {s.min:.4g}..{s.max:.4g}: the negative side is {ratio:.0%} of the positive, yet the "
+                    "signed grid spends half its codes on it.", knob)]
+
+
+def _concat(row: LayerComparison, node: fx.Node, rows: dict[str, LayerComparison],
+            cfg: TroubleshootConfig) -> list[Finding]:
+    ann = annotation(node)
+    if ann is None or ann.op != "Concatenate":
+        return []
+    ranges = {i: max(abs(rows[i].stats.min), abs(rows[i].stats.max)) for i in row.inputs if i in rows}
+    ranges = {k: v for k, v in ranges.items() if math.isfinite(v) and v > 0}
+    if len(ranges) < 2:
+        return []
+    small, large = min(ranges, key=ranges.get), max(ranges, key=ranges.get)
+    if ranges[large] < cfg.concat_ratio * ranges[small]:
+        return []
+    return [Finding(row.node, "unbalanced concat",
+                    f"input {large} reaches {ranges[large]:.4g}, input {small} only {ranges[small]:.4g} "
+                    f"({ranges[large] / ranges[small]:.0f}x): on the concat's one grid the small input gets few codes.",
+                    "balance the branches before the concat (rescale the smaller one's producer), or "
+                    f"LayerOverride(name='{row.node}', activation_n_bits=16) and its inputs")]
+
+
+def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,
+                 config: TroubleshootConfig | None = None, *, validation: Iterable | None = None,
+                 metrics: Sequence[MetricLike] = ("sqnr", "cosine", "mse"), n_batches: int | None = None,
+                 out_dir: str | os.PathLike | None = None, verbose: bool = True) -> TroubleshootReport:
+    """Flag the degraded layers of ``qmodel`` and name a likely cause for each (see the module docstring).
+
+    With ``out_dir``, writes ``report.json`` and ``report.html`` there; ``verbose``
+    prints the summary.  Neither model is modified.
+    """
+    cfg = config or TroubleshootConfig()
+    metrics = tuple(metrics) if not isinstance(metrics, str) else (metrics,)
+    if "sqnr" not in metrics:
+        metrics = ("sqnr", *metrics)  # the flags and the drop test read it
+    comparison = compare(float_model, qmodel, loader, metrics, validation=validation, n_batches=n_batches)
+    rows = {r.node: r for r in comparison.layers}
+    nodes = {n.name: n for n in qmodel.graph.nodes}
+    quant_config = qmodel.meta.get(CONFIG_KEY)
+    summary = qmodel.meta.get("mct_fx.summary") or summarize(qmodel)
+    flagged = tuple(r.node for r in comparison.layers if _flag(r, rows, cfg))
+    flagged_set = set(flagged)
+    findings: list[Finding] = []
+    seen: set[tuple[str, str]] = set()
+    for name in (n for n in comparison.graph_order if n in flagged_set):  # upstream first: causes attach there
+        row = rows[name]
+        found = []
+        for cand in (row, *(rows[i] for i in row.inputs if i in rows)):  # a cause may sit in what the layer reads
+            for f in (_low_bits(cand.node, qmodel, cfg, summary.mixed_precision)
+                      + (_outliers(cand, cfg, getattr(quant_config, "z_threshold", None))
+                         if _quantizer(qmodel, f"{cand.node}_act_quant") is not None else [])
+                      + _negative_tail(cand, qmodel, cfg, quant_config)
+                      + _concat(cand, nodes[cand.node], rows, cfg)):
+                found.append(f)
+                if (f.node, f.cause) not in seen:
+                    seen.add((f.node, f.cause))
+                    findings.append(f if f.node == name else replace(f, seen_at=name))
+        worst = min((i for i in row.inputs if i in flagged_set), key=lambda i: rows[i].metrics["sqnr"], default=None)
+        if not found and worst is not None and row.metrics["sqnr"] > rows[worst].metrics["sqnr"] - INHERIT_DB:
+            findings.append(Finding(name, "inherited",
+                                    f"SQNR {_fmt(row.metrics['sqnr'])} dB, within {INHERIT_DB:g} dB of (or above) "
+                                    f"its flagged input {worst} ({_fmt(rows[worst].metrics['sqnr'])} dB).",
+                                    f"fix {worst} first"))
+        elif not found:
+            inputs = [f"{i} {_fmt(rows[i].metrics['sqnr'])} dB" for i in row.inputs if i in rows]
+            found = [Finding(name, "unexplained",
+                             f"SQNR {_fmt(row.metrics['sqnr'])} dB"
+                             + (f" (inputs: {', '.join(inputs)})." if inputs else "."),
+                             "weights_error_method='hmse' or mct_fx.gptq for weight error; "
+                             f"LayerOverride(name='{name}', activation_n_bits=16) to confirm this layer is the cause")]
+            findings += found
+    for name in summary.unknown:
+        node = nodes.get(name)
+        target = describe_target(node, qmodel) if node is not None else "?"
+        findings.append(Finding(name, "unknown op",
+                                f"{target} is not in the target's operator vocabulary: it runs in float, and so "
+                                "do the values it passes on unless a later layer quantizes them.",
+                                "replace it by a supported op, or teach the TPC the op (mct_fx.tpc)"))
+    report = TroubleshootReport(comparison, flagged, tuple(findings), cfg)
+    if out_dir is not None:
+        report.write(out_dir)
+    if verbose:
+        print(report.summary())
+    return report
