@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import enum
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,9 @@ from mct_fx.config import QuantConfig
 from mct_fx.ptq import SUMMARY_KEY, TPCLike, quantize
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
+from mct_fx.report import CONFIG_KEY
 from mct_fx.resources import ResourceUtilization
+from mct_fx.tensorboard import TensorBoardLogger
 
 __all__ = ["QATConfig", "QATMethod", "qat_prepare", "qat_finalize", "QAT_KEY"]
 
@@ -96,4 +99,9 @@ def qat_finalize(qat_model: nn.Module) -> fx.GraphModule:
     del out.meta[QAT_KEY]
     previous = gm.meta.get(SUMMARY_KEY)
     out.meta[SUMMARY_KEY] = summarize(out, previous.mixed_precision if previous is not None else None)
+    log_dir = getattr(out.meta.get(CONFIG_KEY), "log_dir", None)
+    if log_dir is not None:  # the learned grids as their own run: TensorBoard overlays them on the PTQ ones
+        board = TensorBoardLogger(os.path.join(log_dir, "qat_finalized"))
+        board.thresholds(out)
+        board.close()
     return out.eval()

@@ -62,11 +62,12 @@ class LayerComparison:
     validation: dict[str, float] | None
     stats: ActivationStats
     inputs: tuple[str, ...] = ()  # the compared layers this one reads (for concat diagnosis)
+    fused: tuple[str, ...] = ()  # nodes fused into this one (conv -> ReLU: the conv), compared at its output
 
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, "op": self.op, "weights": self.weights, "activation": self.activation,
                 "grid": self.grid, "metrics": self.metrics, "validation": self.validation,
-                "inputs": list(self.inputs), "stats": self.stats.to_dict()}
+                "inputs": list(self.inputs), "fused": list(self.fused), "stats": self.stats.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class Comparison:
         raise KeyError(f"no compared layer named {node!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metrics": list(self.metrics), "reference": self.reference, "output": _jsonable(self.output),
+        return {"metrics": list(self.metrics), "reference": self.reference, "graph_order": list(self.graph_order),
+                "output": _jsonable(self.output),
                 "output_validation": _jsonable(self.output_validation),
                 "layers": [_jsonable(r.to_dict()) for r in self.layers]}
 
@@ -138,16 +140,17 @@ class _Accumulator:
         self.customs = customs
 
     def update(self, ref: Tensor, q: Tensor) -> None:
-        r, d = ref.detach().double(), (q.detach().double() - ref.detach().double())
-        self.signal += float(r.square().sum())
-        self.noise += float(d.square().sum())
-        self.count += r.numel()
+        r, qf = ref.detach().float(), q.detach().float()  # elementwise in float32, sums in float64
         rows_r = r.reshape(r.shape[0], -1) if r.dim() else r.reshape(1, 1)
-        rows_q = q.detach().double().reshape(rows_r.shape)
-        dot = (rows_r * rows_q).sum(1)
-        norms = rows_r.norm(dim=1) * rows_q.norm(dim=1)
+        rows_q = qf.reshape(rows_r.shape)
+        sq_r = rows_r.square().sum(1, dtype=torch.float64)
+        sq_q = rows_q.square().sum(1, dtype=torch.float64)
+        dot = (rows_r * rows_q).sum(1, dtype=torch.float64)
+        self.signal += float(sq_r.sum())
+        self.noise += float((rows_q - rows_r).square().sum(dtype=torch.float64))
+        self.count += r.numel()
         same = (rows_r == rows_q).all(1)  # zero vectors included: identical is cosine 1
-        cos = torch.where(same, torch.ones_like(dot), dot / norms.clamp_min(1e-300))
+        cos = torch.where(same, torch.ones_like(dot), dot / (sq_r * sq_q).sqrt().clamp_min(1e-300))
         self.cos_sum += float(cos.sum())
         self.samples += cos.numel()
         self.batches += 1
@@ -178,20 +181,22 @@ class _Stats:
 
     def update(self, x: Tensor) -> None:
         x = x.detach().float()
-        finite = x[torch.isfinite(x)]
-        if finite.numel():
-            self.lo, self.hi = min(self.lo, float(finite.min())), max(self.hi, float(finite.max()))
-            self.sum += float(finite.double().sum())
-            self.sq += float(finite.double().square().sum())
-            self.n += finite.numel()
+        if not x.numel():
+            return
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if not torch.isfinite(x).all() else x
+        lo, hi = torch.aminmax(x)
+        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+        self.sum += float(x.sum(dtype=torch.float64))
+        self.sq += float(x.square().sum(dtype=torch.float64))
+        self.n += x.numel()
         if x.dim() >= 2 and x.shape[1] > 1:
-            amax = x.abs().transpose(0, 1).reshape(x.shape[1], -1).amax(1).cpu()
+            amax = x.abs().amax(dim=[d for d in range(x.dim()) if d != 1]).cpu()
             self.channel = amax if self.channel is None else torch.maximum(self.channel, amax)
-        if len(self.sample) < SAMPLE_VALUES and finite.numel():
+        if len(self.sample) < SAMPLE_VALUES:
             g = torch.Generator().manual_seed(len(self.sample))
-            flat = finite.reshape(-1).cpu()
-            take = flat[torch.randperm(flat.numel(), generator=g)[:SAMPLE_VALUES - len(self.sample)]]
-            self.sample.extend(take.tolist())
+            flat = x.reshape(-1)
+            index = torch.randint(flat.numel(), (SAMPLE_VALUES - len(self.sample),), generator=g)
+            self.sample.extend(flat[index.to(flat.device)].tolist())
 
     def result(self) -> ActivationStats:
         n = max(self.n, 1)
@@ -259,20 +264,31 @@ def _taps(gm: fx.GraphModule, layers: Iterable[str]) -> dict[str, str]:
     return taps
 
 
-def _layer_inputs(gm: fx.GraphModule, layers: set[str]) -> dict[str, tuple[str, ...]]:
-    """For each layer, the compared layers whose (quantized) outputs it reads."""
+def _groups(rows: dict) -> dict[str, tuple[str, ...]]:
+    """``{layer: fused inner nodes}``: a node whose activation is fused into a later one (conv -> ReLU) is
+    one layer with it on the hardware, so it is compared at the group's output, not on its own."""
+    fused = {}
+    for name, row in rows.items():
+        if row.activation.startswith("fused into ") and row.activation[len("fused into "):] in rows:
+            fused[name] = row.activation[len("fused into "):]
+    return {name: tuple(m for m, out in fused.items() if out == name) for name in rows if name not in fused}
+
+
+def _layer_inputs(gm: fx.GraphModule, groups: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """For each layer (group), the compared layers whose (quantized) outputs it reads."""
     quantized_from = {n.name: n.args[0].name for n in gm.graph.nodes
                       if n.op == "call_module" and str(n.target).endswith("_act_quant") and n.args}
+    owner = {m: name for name, members in groups.items() for m in (*members, name)}
+    nodes = {n.name: n for n in gm.graph.nodes}
     out = {}
-    for n in gm.graph.nodes:
-        if n.name not in layers:
-            continue
+    for name, members in groups.items():
         found = []
-        for a in n.all_input_nodes:
-            name = quantized_from.get(a.name, a.name)
-            if name in layers and name not in found:
-                found.append(name)
-        out[n.name] = tuple(found)
+        for member in (*members, name):
+            for a in nodes[member].all_input_nodes:
+                source = owner.get(quantized_from.get(a.name, a.name))
+                if source is not None and source != name and source not in found:
+                    found.append(source)
+        out[name] = tuple(found)
     return out
 
 
@@ -348,7 +364,8 @@ def compare(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,
     names, customs = _metric_names(metrics)
     summary = summarize(qmodel)
     rows = {r.node: r for r in summary.layers}
-    taps = _taps(qmodel, rows)
+    groups = _groups(rows)
+    taps = _taps(qmodel, groups)
     first = next(iter_batches(loader, 1))
     args, kwargs = first
     example = args[0] if args and not kwargs else kwargs
@@ -358,7 +375,7 @@ def compare(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,
         ref, reference = _reference(float_model, qmodel, example, taps)
     finally:
         float_model.train(was_training)
-    ref_taps = _taps(ref, rows)
+    ref_taps = _taps(ref, groups)
     ref.eval()
     q_training = qmodel.training
     qmodel.eval()
@@ -369,11 +386,15 @@ def compare(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,
                                                                        n_batches, names, customs, None)
     finally:
         qmodel.train(q_training)
-    inputs = _layer_inputs(qmodel, set(rep))
-    order = tuple(layer for layer in rows if layer in rep)
-    layers = [LayerComparison(layer, rows[layer].op, rows[layer].weights, rows[layer].activation, rows[layer].grid,
-                              rep[layer], val.get(layer) if validation is not None else None,
-                              stats[layer].result(), inputs.get(layer, ()))
-              for layer in order]
+    groups = {name: members for name, members in groups.items() if name in rep}
+    inputs = _layer_inputs(qmodel, groups)
+    layers = []
+    for name, members in groups.items():
+        group = [rows[m] for m in (*members, name)]
+        weights = next((r.weights for r in group if r.weights != "-"), "-")
+        layers.append(LayerComparison(name, "+".join(r.op for r in group), weights, rows[name].activation,
+                                      rows[name].grid, rep[name], val.get(name) if validation is not None else None,
+                                      stats[name].result(), inputs[name], members))
+    order = tuple(groups)
     layers.sort(key=lambda r: _badness(r.metrics, names[0]), reverse=True)
     return Comparison(tuple(layers), out, val_out, names, reference, order)

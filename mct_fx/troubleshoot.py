@@ -21,8 +21,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import torch
 from torch import fx, nn
 
+from mct_fx.graph_utils import attr_value
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer
 from mct_fx.report import CONFIG_KEY, Comparison, LayerComparison, MetricLike, _jsonable, compare
@@ -97,9 +99,14 @@ class TroubleshootReport:
                  f"{len(self.flagged)} of {len(c.layers)} layers flagged"
                  + (f": {', '.join(self.flagged[:8])}{' ...' if len(self.flagged) > 8 else ''}" if self.flagged
                     else "")]
+        inherited = [f.node for f in self.findings if f.cause == "inherited"]
         for f in self.findings:
-            where = f" (loss seen at {f.seen_at})" if f.seen_at else ""
-            lines.append(f"- {f.node}{where}: {f.cause}. {f.evidence} Try: {f.knob}")
+            if f.cause != "inherited":
+                where = f" (loss seen at {f.seen_at})" if f.seen_at else ""
+                lines.append(f"- {f.node}{where}: {f.cause}. {f.evidence} Try: {f.knob}")
+        if inherited:
+            lines.append(f"- {len(inherited)} flagged layers only carry a flagged input's loss: "
+                         f"{', '.join(inherited[:6])}{' ...' if len(inherited) > 6 else ''}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +148,47 @@ def _flag(row: LayerComparison, rows: dict[str, LayerComparison], cfg: Troublesh
             and sqnr < cfg.sqnr_db + cfg.drop_db)
 
 
+def _wider(gm: fx.GraphModule, node: str) -> str | None:
+    """An override with more activation bits, when the target offers them for ``node`` (else None)."""
+    n = next((m for m in gm.graph.nodes if m.name == node), None)
+    ann = annotation(n) if n is not None else None
+    if ann is None or ann.options is None or ann.config is None:
+        return None
+    bits = max(c.activation_n_bits for c in ann.options.candidates)
+    return f"LayerOverride(name='{node}', activation_n_bits={bits})" if bits > ann.config.activation_n_bits else None
+
+
+def _or_wider(text: str, gm: fx.GraphModule, node: str) -> str:
+    wider = _wider(gm, node)
+    return f"{text}, or {wider}" if wider else text
+
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    noise = float((out.float() - ref.float()).square().sum())
+    return math.inf if noise == 0 else 10 * math.log10(max(float(ref.float().square().sum()), 1e-300) / noise)
+
+
+def _activation_sqnr(gm: fx.GraphModule, row: LayerComparison) -> float | None:
+    """SQNR (dB) of the layer's float values on its own activation grid: what that grid alone loses."""
+    quantizer = _quantizer(gm, f"{row.node}_act_quant")
+    if quantizer is None or not row.stats.sample or quantizer.scale.numel() != 1:
+        return None
+    values = torch.tensor(row.stats.sample, device=quantizer.scale.device)
+    with torch.no_grad():
+        return _sqnr(values, quantizer(values))
+
+
+def _weight_sqnr(gm: fx.GraphModule, node: str) -> float | None:
+    """SQNR (dB) of a layer's kernel against its quantized self: how much the weight grid alone loses."""
+    quantizer = _quantizer(gm, f"{node}_weight_quant")
+    qnode = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == f"{node}_weight_quant"), None)
+    weight = attr_value(gm, qnode.args[0]) if qnode is not None and qnode.args else None
+    if quantizer is None or weight is None:
+        return None
+    with torch.no_grad():
+        return _sqnr(weight.detach(), quantizer(weight))
+
+
 def _low_bits(node: str, gm: fx.GraphModule, cfg: TroubleshootConfig, mixed: Any) -> list[Finding]:
     out = []
     for kind, label, field in (("weight", "weights", "weights_n_bits"), ("act", "activations", "activation_n_bits")):
@@ -157,7 +205,8 @@ def _low_bits(node: str, gm: fx.GraphModule, cfg: TroubleshootConfig, mixed: Any
     return out
 
 
-def _outliers(row: LayerComparison, cfg: TroubleshootConfig, z_threshold: float | None) -> list[Finding]:
+def _outliers(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig,
+              z_threshold: float | None) -> list[Finding]:
     s, out = row.stats, []
     channels = [c for c in s.channel_absmax if math.isfinite(c)]
     if len(channels) >= 4:
@@ -168,8 +217,8 @@ def _outliers(row: LayerComparison, cfg: TroubleshootConfig, z_threshold: float 
                                f"channel {top} reaches {channels[top]:.4g} while the median channel reaches "
                                f"{median:.4g} ({channels[top] / median:.0f}x): one per-tensor grid leaves the "
                                "other channels few codes.",
-                               "QuantConfig(activation_channel_equalization=True) (balances channels across "
-                               f"layer -> ReLU -> layer), or LayerOverride(name='{row.node}', activation_n_bits=16)"))
+                               _or_wider("QuantConfig(activation_channel_equalization=True) (balances channels "
+                                         "across layer -> ReLU -> layer)", gm, row.node)))
     if s.std > 0:
         z = max(s.max - s.mean, s.mean - s.min) / s.std
         clipped = z_threshold is not None and z_threshold <= z  # the grid search already ignores them
@@ -197,15 +246,16 @@ def _negative_tail(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootCo
     elif config is not None and ratio > config.shift_negative_ratio:
         knob = f"QuantConfig(shift_negative_ratio={min(0.99, ratio * 1.1):.2f}) (now {config.shift_negative_ratio:g})"
     else:
-        knob = ("shift-negative correction did not apply here (the op or its consumers cannot absorb the shift); "
-                f"LayerOverride(name='{row.node}', activation_n_bits=16)")
+        knob = _or_wider("shift-negative correction did not apply here (the op or its consumers cannot absorb "
+                         "the shift)", gm, row.node)
     return [Finding(row.node, "negative tail",
                     f"range {s.min:.4g}..{s.max:.4g}: the negative side is {ratio:.0%} of the positive, yet the "
                     "signed grid spends half its codes on it.", knob)]
 
 
-def _concat(row: LayerComparison, node: fx.Node, rows: dict[str, LayerComparison],
+def _concat(row: LayerComparison, gm: fx.GraphModule, rows: dict[str, LayerComparison],
             cfg: TroubleshootConfig) -> list[Finding]:
+    node = next(n for n in gm.graph.nodes if n.name == row.node)
     ann = annotation(node)
     if ann is None or ann.op != "Concatenate":
         return []
@@ -219,8 +269,17 @@ def _concat(row: LayerComparison, node: fx.Node, rows: dict[str, LayerComparison
     return [Finding(row.node, "unbalanced concat",
                     f"input {large} reaches {ranges[large]:.4g}, input {small} only {ranges[small]:.4g} "
                     f"({ranges[large] / ranges[small]:.0f}x): on the concat's one grid the small input gets few codes.",
-                    "balance the branches before the concat (rescale the smaller one's producer), or "
-                    f"LayerOverride(name='{row.node}', activation_n_bits=16) and its inputs")]
+                    _or_wider("balance the branches before the concat (rescale the smaller one's producer)",
+                              gm, row.node))]
+
+
+def _causes(row: LayerComparison, gm: fx.GraphModule, rows: dict[str, LayerComparison], cfg: TroubleshootConfig,
+            mixed: Any, quant_config: Any) -> list[Finding]:
+    """Every known cause found at ``row`` (its own grid, bits and float values)."""
+    found = [f for n in (*row.fused, row.node) for f in _low_bits(n, gm, cfg, mixed)]
+    if _quantizer(gm, f"{row.node}_act_quant") is not None:  # value checks only where values are quantized
+        found += _outliers(row, gm, cfg, getattr(quant_config, "z_threshold", None))
+    return found + _negative_tail(row, gm, cfg, quant_config) + _concat(row, gm, rows, cfg)
 
 
 def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,
@@ -249,11 +308,7 @@ def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterabl
         row = rows[name]
         found = []
         for cand in (row, *(rows[i] for i in row.inputs if i in rows)):  # a cause may sit in what the layer reads
-            for f in (_low_bits(cand.node, qmodel, cfg, summary.mixed_precision)
-                      + (_outliers(cand, cfg, getattr(quant_config, "z_threshold", None))
-                         if _quantizer(qmodel, f"{cand.node}_act_quant") is not None else [])
-                      + _negative_tail(cand, qmodel, cfg, quant_config)
-                      + _concat(cand, nodes[cand.node], rows, cfg)):
+            for f in _causes(cand, qmodel, rows, cfg, summary.mixed_precision, quant_config):
                 found.append(f)
                 if (f.node, f.cause) not in seen:
                     seen.add((f.node, f.cause))
@@ -266,11 +321,16 @@ def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterabl
                                     f"fix {worst} first"))
         elif not found:
             inputs = [f"{i} {_fmt(rows[i].metrics['sqnr'])} dB" for i in row.inputs if i in rows]
+            weights = [_fmt(v) for n in (*row.fused, name) if (v := _weight_sqnr(qmodel, n)) is not None]
+            act = _activation_sqnr(qmodel, row)
+            alone = ([f"its activation grid {_fmt(act)} dB"] if act is not None else []) + (
+                [f"its kernel grid {', '.join(weights)} dB"] if weights else [])
             found = [Finding(name, "unexplained",
                              f"SQNR {_fmt(row.metrics['sqnr'])} dB"
-                             + (f" (inputs: {', '.join(inputs)})." if inputs else "."),
-                             "weights_error_method='hmse' or mct_fx.gptq for weight error; "
-                             f"LayerOverride(name='{name}', activation_n_bits=16) to confirm this layer is the cause")]
+                             + (f" (inputs: {', '.join(inputs)})" if inputs else "")
+                             + (f"; alone, {' and '.join(alone)}." if alone else "."),
+                             _or_wider("errors accumulate here: mct_fx.gptq (learned rounding against the float "
+                                       "model) or weights_error_method='hmse'", qmodel, name))]
             findings += found
     for name in summary.unknown:
         node = nodes.get(name)

@@ -30,6 +30,9 @@ def test_identical_models_give_infinite_sqnr_and_cosine_one(demo):
     c = mct_fx.compare(model, q, calib)
     assert c.reference.startswith("float model")
     assert len(c.layers) >= 10
+    relu1 = c.layer("relu1")  # conv1 -> relu1 is one layer on the target: compared at its output
+    assert relu1.fused == ("conv1",) and relu1.op == "Conv+ReLU" and relu1.weights.startswith("8b")
+    assert "conv1" not in c.graph_order and c.layer("relu2").inputs == ("relu1",)
     for row in c.layers:
         assert row.metrics["sqnr"] == math.inf and row.metrics["mse"] == 0, row
         assert row.metrics["cosine"] == pytest.approx(1.0, abs=1e-12)
@@ -119,7 +122,7 @@ def test_tensorboard_logs_the_pipeline(tmp_path, demo):
     assert "ranges/relu1/channel_absmax" in main["histograms"]
     assert "threshold/relu1" in main["scalars"]
     assert {"similarity/sqnr/output", "similarity/cosine/output"} <= set(main["scalars"])
-    assert {f"similarity/sqnr/{n}" for n in ("conv1", "relu1", "fc")} <= set(main["scalars"])
+    assert {f"similarity/sqnr/{n}" for n in ("input_1", "relu1", "fc")} <= set(main["scalars"])
     assert "resource_utilization/weights_memory" in main["scalars"]
     assert any(t.startswith("mixed_precision/bits/") and t.split("/")[-1] in layers for t in main["scalars"])
     assert "mixed_precision/bit_widths" in main["images"]
@@ -144,6 +147,17 @@ def test_tensorboard_gptq_and_datagen_losses(tmp_path, demo):
     gen.Reload()
     assert len(gen.Scalars("datagen/bn_loss")) == 4 and len(gen.Scalars("datagen/output_loss")) == 4
     assert len(_tags(log_dir)["graph_1_traced"]["run_metadata"]) <= 1  # the teacher's prepare logs nothing
+
+
+def test_tensorboard_qat_finalize_logs_the_learned_grids_as_a_run(tmp_path, demo):
+    model, calib, _ = demo
+    log_dir = tmp_path / "tb"
+    qat = mct_fx.qat_prepare(model, calib[:64], "imx500", mct_fx.QATConfig(method="lsq"),
+                             quant_config=mct_fx.QuantConfig(log_dir=str(log_dir)), verbose=False)
+    mct_fx.qat_finalize(qat)
+    runs = _tags(log_dir)
+    assert "threshold/relu1" in runs["qat_finalized"]["scalars"]
+    assert "threshold/relu1" in runs["."]["scalars"]  # the PTQ start, same tag: overlaid in TensorBoard
 
 
 def test_log_dir_is_validated():
