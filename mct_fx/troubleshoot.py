@@ -32,8 +32,8 @@ from mct_fx.tpc.matching import annotation, describe_target
 
 __all__ = ["troubleshoot", "TroubleshootConfig", "TroubleshootReport", "Finding", "CAUSES"]
 
-CAUSES = ("low bit-width", "outlier channel", "outliers", "negative tail", "unbalanced concat", "unknown op",
-          "inherited", "unexplained")
+CAUSES = ("low bit-width", "clipping", "outlier channel", "outliers", "negative tail", "unbalanced concat",
+          "unknown op", "inherited", "unexplained")
 INHERIT_DB = 3.0  # a flagged layer within this many dB of a flagged input carries that input's loss
 
 
@@ -48,7 +48,8 @@ class TroubleshootConfig:
     a channel ``channel_ratio`` times wider than the median channel; a negative
     tail at most ``negative_tail_ratio`` of the positive range on a signed grid;
     concatenated inputs whose ranges differ ``concat_ratio`` times; weights or
-    activations of at most ``low_bits`` bits.
+    activations of at most ``low_bits`` bits; an activation grid whose clipping
+    alone leaves an SQNR below ``clip_sqnr_db``.
     """
 
     sqnr_db: float = 20.0
@@ -59,6 +60,7 @@ class TroubleshootConfig:
     negative_tail_ratio: float = 0.25
     concat_ratio: float = 4.0
     low_bits: int = 4
+    clip_sqnr_db: float = 30.0
 
     def __post_init__(self):
         for name in ("drop_db", "outlier_z", "channel_ratio", "concat_ratio"):
@@ -205,6 +207,27 @@ def _low_bits(node: str, gm: fx.GraphModule, cfg: TroubleshootConfig, mixed: Any
     return out
 
 
+def _clipping(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig, quant_config: Any) -> list[Finding]:
+    """The activation grid cuts off values that carry much of the signal (a threshold search or z-score filter
+    that traded the tail for resolution where the tail matters)."""
+    quantizer = _quantizer(gm, f"{row.node}_act_quant")
+    if quantizer is None or not row.stats.sample or quantizer.scale.numel() != 1 or not quantizer.affine:
+        return []
+    values = torch.tensor(row.stats.sample, device=quantizer.scale.device)
+    lo, hi = (float(v) for v in quantizer.grid_range())
+    clip_sqnr = _sqnr(values, values.clamp(lo, hi))
+    if clip_sqnr >= cfg.clip_sqnr_db:
+        return []
+    beyond = float(((values < lo) | (values > hi)).float().mean()) * 100
+    z = getattr(quant_config, "z_threshold", math.inf)
+    knob = f"LayerOverride(name='{row.node}', activation_error_method='noclipping')"
+    if math.isfinite(z):
+        knob = f"QuantConfig(z_threshold=math.inf) (now {z:g}: the outlier filter drops the tail), or {knob}"
+    return [Finding(row.node, "clipping",
+                    f"the grid {lo:.4g}..{hi:.4g} clips values reaching {row.stats.min:.4g}..{row.stats.max:.4g} "
+                    f"({beyond:.2g}% of them); the clipping alone leaves {clip_sqnr:.1f} dB.", knob)]
+
+
 def _outliers(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig,
               z_threshold: float | None) -> list[Finding]:
     s, out = row.stats, []
@@ -219,15 +242,25 @@ def _outliers(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig,
                                "other channels few codes.",
                                _or_wider("QuantConfig(activation_channel_equalization=True) (balances channels "
                                          "across layer -> ReLU -> layer)", gm, row.node)))
-    if s.std > 0:
+    quantizer = _quantizer(gm, f"{row.node}_act_quant")
+    if s.std > 0 and quantizer is not None and s.sample:
         z = max(s.max - s.mean, s.mean - s.min) / s.std
         clipped = z_threshold is not None and z_threshold <= z  # the grid search already ignores them
         if z >= cfg.outlier_z and not clipped:
-            current = "off" if z_threshold is None or math.isinf(z_threshold) else f"{z_threshold:g}"
-            out.append(Finding(row.node, "outliers",
-                               f"values reach {z:.0f} standard deviations from the mean (range {s.min:.4g}.."
-                               f"{s.max:.4g}, mean {s.mean:.4g}, std {s.std:.4g}).",
-                               f"QuantConfig(z_threshold=...) below {z:.0f} (now {current}) to clip them"))
+            # advise clipping only where these values say it pays: a grid over mean +- z/2 std, same bits
+            values = torch.tensor(s.sample)
+            half = cfg.outlier_z / 2
+            lo, hi = max(s.min, s.mean - half * s.std), min(s.max, s.mean + half * s.std)
+            step = (hi - lo) / (2 ** quantizer.n_bits - 1)
+            proposed = _sqnr(values, ((values.clamp(lo, hi) - lo) / step).round() * step + lo)
+            now = _activation_sqnr(gm, row)
+            if now is not None and proposed >= now + 3:
+                current = "off" if z_threshold is None or math.isinf(z_threshold) else f"{z_threshold:g}"
+                out.append(Finding(row.node, "outliers",
+                                   f"values reach {z:.0f} standard deviations from the mean (range {s.min:.4g}.."
+                                   f"{s.max:.4g}, std {s.std:.4g}); on these values a grid clipped at {half:g} std "
+                                   f"gives {proposed:.1f} dB, the current grid {now:.1f} dB.",
+                                   f"QuantConfig(z_threshold={half:g}) (now {current})"))
     return out
 
 
@@ -273,12 +306,21 @@ def _concat(row: LayerComparison, gm: fx.GraphModule, rows: dict[str, LayerCompa
                               gm, row.node))]
 
 
+def _unexplained_knob(row: LayerComparison, act_sqnr: float | None) -> str:
+    if act_sqnr is not None and act_sqnr < row.metrics["sqnr"] + 3:  # its own activation grid is the bottleneck
+        return (f"its activation grid is the bottleneck (range vs resolution): try LayerOverride(name='{row.node}', "
+                "activation_error_method='mse'|'mae'|'noclipping') or QuantConfig(z_threshold=...)")
+    return ("errors accumulate here: mct_fx.gptq (learned rounding against the float model) or "
+            "weights_error_method='hmse'")
+
+
 def _causes(row: LayerComparison, gm: fx.GraphModule, rows: dict[str, LayerComparison], cfg: TroubleshootConfig,
             mixed: Any, quant_config: Any) -> list[Finding]:
     """Every known cause found at ``row`` (its own grid, bits and float values)."""
     found = [f for n in (*row.fused, row.node) for f in _low_bits(n, gm, cfg, mixed)]
     if _quantizer(gm, f"{row.node}_act_quant") is not None:  # value checks only where values are quantized
-        found += _outliers(row, gm, cfg, getattr(quant_config, "z_threshold", None))
+        clipped = _clipping(row, gm, cfg, quant_config)  # the tail matters here: no advice to clip more
+        found += clipped or _outliers(row, gm, cfg, getattr(quant_config, "z_threshold", None))
     return found + _negative_tail(row, gm, cfg, quant_config) + _concat(row, gm, rows, cfg)
 
 
@@ -329,8 +371,7 @@ def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterabl
                              f"SQNR {_fmt(row.metrics['sqnr'])} dB"
                              + (f" (inputs: {', '.join(inputs)})" if inputs else "")
                              + (f"; alone, {' and '.join(alone)}." if alone else "."),
-                             _or_wider("errors accumulate here: mct_fx.gptq (learned rounding against the float "
-                                       "model) or weights_error_method='hmse'", qmodel, name))]
+                             _or_wider(_unexplained_knob(row, act), qmodel, name))]
             findings += found
     for name in summary.unknown:
         node = nodes.get(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -80,6 +81,39 @@ def test_a_two_bit_layer_is_found():
     low = _findings(report, "low bit-width")
     assert [(f.node, f.evidence.split()[0]) for f in low] == [("c2", "2-bit")], report.summary()
     assert "weights_n_bits=8" in low[0].knob
+
+
+def test_clipping_of_a_tail_that_matters_is_found_and_its_knob_helps():
+    class Linear3(ThreeConvs):
+        def forward(self, x):
+            return self.c3(self.c2(torch.relu(self.c1(x)))).mean((2, 3))
+
+    model = Linear3().eval()
+    g = torch.Generator().manual_seed(1)
+    spiky = torch.where(torch.rand(DATA.shape, generator=g) < 0.002, DATA * 40, DATA)  # rare large inputs
+    q = mct_fx.quantize(model, spiky, "imx500", verbose=False)  # z_threshold=16 drops the spikes from the search
+    report = mct_fx.troubleshoot(model, q, spiky, verbose=False)
+    clipping = _findings(report, "clipping")
+    assert "x" in [f.node for f in clipping], report.summary()
+    assert clipping[0].knob.startswith("QuantConfig(z_threshold=math.inf)")
+    fixed = mct_fx.quantize(model, spiky, "imx500", mct_fx.QuantConfig(z_threshold=math.inf), verbose=False)
+    after = mct_fx.troubleshoot(model, fixed, spiky, verbose=False)
+    assert after.comparison.output["sqnr"] > report.comparison.output["sqnr"] + 6
+    assert not _findings(after, "outliers")  # no advice to clip the tail again: it would lose more than it gains
+
+
+def test_a_two_bit_layer_chosen_by_mixed_precision_names_the_budget():
+    model = ThreeConvs().eval()
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))  # float32 bytes / 4
+    budget = mct_fx.ResourceUtilization(weights_memory=0.5 * weights)  # 4 bits per weight on average
+    q = mct_fx.quantize(model, DATA, "imx500", target=budget, verbose=False)
+    two_bit = [n for n, b in mct_fx.summary(q).mixed_precision.bits.items() if b == "W2"]
+    assert two_bit
+    report = mct_fx.troubleshoot(model, q, DATA, verbose=False)
+    low = {f.node: f for f in _findings(report, "low bit-width")}
+    assert set(two_bit) <= set(low), report.summary()
+    assert "mixed precision chose W2" in low[two_bit[0]].evidence
+    assert low[two_bit[0]].knob.startswith("raise the ResourceUtilization budget")
 
 
 def test_unbalanced_concat_and_unknown_op_are_found():
