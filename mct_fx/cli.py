@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_arguments(r)
     r.add_argument("--out", required=True, help="output folder for report.json and report.html")
     r.add_argument("--sqnr-db", type=float, default=20.0, help="flag layers below this SQNR (default 20 dB)")
+    r.add_argument("--verify", action="store_true",
+                   help="quantize again with each suggested setting and report the output SQNR it gives")
 
     d = sub.add_parser("demo", help="quantize the embedded Fashion-MNIST CNN (no download, < 1 min)")
     d.add_argument("--out", default="mct_fx_demo", help="where model.onnx goes (default ./mct_fx_demo)")
@@ -230,7 +232,7 @@ def _report(args: argparse.Namespace) -> int:
     model, loader, qmodel, _, _, seconds = _build(args)
     print(f"quantized in {seconds:.1f} s; troubleshooting on the calibration data\n")
     report = mct_fx.troubleshoot(model, qmodel, loader, mct_fx.TroubleshootConfig(sqnr_db=args.sqnr_db),
-                                 verbose=True)
+                                 verify=args.verify, verbose=True)
     json_path, html_path = report.write(args.out)
     print(f"\nwrote {json_path}, {html_path}")
     return 0

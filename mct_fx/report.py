@@ -26,7 +26,7 @@ from mct_fx.graph_utils import model_device
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer, quantizers_off
 
-__all__ = ["compare", "Comparison", "LayerComparison", "ActivationStats", "METRICS", "CONFIG_KEY"]
+__all__ = ["compare", "output_sqnr", "Comparison", "LayerComparison", "ActivationStats", "METRICS", "CONFIG_KEY"]
 
 CONFIG_KEY = "mct_fx.config"  # qmodel.meta: the QuantConfig the model was quantized with
 HIGHER_IS_BETTER = {"sqnr": True, "cosine": True, "mse": False}
@@ -346,6 +346,19 @@ def _measure(ref: fx.GraphModule, qmodel: fx.GraphModule, taps: dict[str, str], 
         out_acc.update(torch.cat([t.reshape(t.shape[0] if t.dim() else 1, -1) for t in r_leaves], 1),
                        torch.cat([t.reshape(t.shape[0] if t.dim() else 1, -1) for t in q_leaves], 1))
     return {layer: a.result(names) for layer, a in acc.items() if a.batches}, out_acc.result(names)
+
+
+def output_sqnr(float_model: nn.Module, qmodel: nn.Module, loader: Iterable, n_batches: int | None = None) -> float:
+    """SQNR (dB) of ``qmodel``'s output against ``float_model``'s over ``loader`` (all output tensors)."""
+    acc = _Accumulator({})
+    device = model_device(qmodel)
+    for inputs in iter_batches(loader, n_batches):
+        args, kwargs = to_device(inputs, device)
+        with torch.no_grad():
+            ref, out = float_model(*args, **kwargs), qmodel(*args, **kwargs)
+        acc.update(*(torch.cat([t.reshape(t.shape[0] if t.dim() else 1, -1) for t in tree_leaves(o)
+                                if isinstance(t, Tensor)], 1) for o in (ref, out)))
+    return acc.result(("sqnr",))["sqnr"]
 
 
 def compare(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,

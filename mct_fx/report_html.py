@@ -108,10 +108,11 @@ def render_html(report: TroubleshootReport) -> str:
              "<h2>Findings</h2>"]
     if report.findings:
         parts.append("<table id='findings'><tr><th>layer</th><th>loss seen at</th><th>cause</th><th>evidence</th>"
-                     "<th>try</th></tr>")
+                     "<th>try</th><th>output SQNR with it (dB)</th></tr>")
         for f in report.findings:
+            measured = "" if f.measured is None else f"{_cell(f.measured)} (now {_cell(c.output['sqnr'])})"
             parts.append(f"<tr><td>{e(f.node)}</td><td>{e(f.seen_at or f.node)}</td><td>{e(f.cause)}</td>"
-                         f"<td>{e(f.evidence)}</td><td><code>{e(f.knob)}</code></td></tr>")
+                         f"<td>{e(f.evidence)}</td><td><code>{e(f.knob)}</code></td><td>{measured}</td></tr>")
         parts.append("</table>")
     else:
         parts.append("<p>No layer is below the thresholds.</p>")

@@ -61,6 +61,7 @@ class TroubleshootConfig:
     concat_ratio: float = 4.0
     low_bits: int = 4
     clip_sqnr_db: float = 30.0
+    max_verify: int = 6  # distinct knobs ``verify=True`` tries (one quantization each)
 
     def __post_init__(self):
         for name in ("drop_db", "outlier_z", "channel_ratio", "concat_ratio"):
@@ -82,6 +83,9 @@ class Finding:
     evidence: str
     knob: str
     seen_at: str = ""  # the flagged layer whose loss it explains (when not ``node`` itself)
+    # the knob as a QuantConfig change ({field: value}, "override": LayerOverride kwargs), when it is one
+    change: dict | None = None
+    measured: float | None = None  # output SQNR (dB) after quantizing with ``change`` (``verify=True``)
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,12 @@ class TroubleshootReport:
         for f in self.findings:
             if f.cause != "inherited":
                 where = f" (loss seen at {f.seen_at})" if f.seen_at else ""
-                lines.append(f"- {f.node}{where}: {f.cause}. {f.evidence} Try: {f.knob}")
+                tried = ""
+                if f.measured is not None:
+                    verdict = "better" if f.measured > out["sqnr"] + 0.5 else (
+                        "worse" if f.measured < out["sqnr"] - 0.5 else "no change")
+                    tried = f" [tried: output SQNR {_fmt(f.measured)} dB vs {_fmt(out['sqnr'])} now: {verdict}]"
+                lines.append(f"- {f.node}{where}: {f.cause}. {f.evidence} Try: {f.knob}{tried}")
         if inherited:
             lines.append(f"- {len(inherited)} flagged layers only carry a flagged input's loss: "
                          f"{', '.join(inherited[:6])}{' ...' if len(inherited) > 6 else ''}")
@@ -203,7 +212,8 @@ def _low_bits(node: str, gm: fx.GraphModule, cfg: TroubleshootConfig, mixed: Any
             knob = f"raise the ResourceUtilization budget, or pin this layer: {pin}"
         else:
             why, knob = "set by the target's base configuration or an override", pin
-        out.append(Finding(node, "low bit-width", f"{q.n_bits}-bit {label} ({why}).", knob))
+        out.append(Finding(node, "low bit-width", f"{q.n_bits}-bit {label} ({why}).", knob,
+                           change={"override": {"name": node, field: 8}}))
     return out
 
 
@@ -221,11 +231,13 @@ def _clipping(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig,
     beyond = float(((values < lo) | (values > hi)).float().mean()) * 100
     z = getattr(quant_config, "z_threshold", math.inf)
     knob = f"LayerOverride(name='{row.node}', activation_error_method='noclipping')"
+    change = {"override": {"name": row.node, "activation_error_method": "noclipping"}}
     if math.isfinite(z):
         knob = f"QuantConfig(z_threshold=math.inf) (now {z:g}: the outlier filter drops the tail), or {knob}"
+        change = {"z_threshold": math.inf}
     return [Finding(row.node, "clipping",
                     f"the grid {lo:.4g}..{hi:.4g} clips values reaching {row.stats.min:.4g}..{row.stats.max:.4g} "
-                    f"({beyond:.2g}% of them); the clipping alone leaves {clip_sqnr:.1f} dB.", knob)]
+                    f"({beyond:.2g}% of them); the clipping alone leaves {clip_sqnr:.1f} dB.", knob, change=change)]
 
 
 def _outliers(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig,
@@ -241,7 +253,8 @@ def _outliers(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig,
                                f"{median:.4g} ({channels[top] / median:.0f}x): one per-tensor grid leaves the "
                                "other channels few codes.",
                                _or_wider("QuantConfig(activation_channel_equalization=True) (balances channels "
-                                         "across layer -> ReLU -> layer)", gm, row.node)))
+                                         "across layer -> ReLU -> layer)", gm, row.node),
+                               change={"activation_channel_equalization": True}))
     quantizer = _quantizer(gm, f"{row.node}_act_quant")
     if s.std > 0 and quantizer is not None and s.sample:
         z = max(s.max - s.mean, s.mean - s.min) / s.std
@@ -260,7 +273,8 @@ def _outliers(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig,
                                    f"values reach {z:.0f} standard deviations from the mean (range {s.min:.4g}.."
                                    f"{s.max:.4g}, std {s.std:.4g}); on these values a grid clipped at {half:g} std "
                                    f"gives {proposed:.1f} dB, the current grid {now:.1f} dB.",
-                                   f"QuantConfig(z_threshold={half:g}) (now {current})"))
+                                   f"QuantConfig(z_threshold={half:g}) (now {current})",
+                                   change={"z_threshold": half}))
     return out
 
 
@@ -274,16 +288,22 @@ def _negative_tail(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootCo
     ratio = -s.min / s.max
     if ratio > cfg.negative_tail_ratio:
         return []
-    if config is not None and not config.shift_negative_correction:
-        knob = "QuantConfig(shift_negative_correction=True)"
-    elif config is not None and ratio > config.shift_negative_ratio:
-        knob = f"QuantConfig(shift_negative_ratio={min(0.99, ratio * 1.1):.2f}) (now {config.shift_negative_ratio:g})"
+    change = None
+    threshold = float(q.grid_range()[1].max())  # SNC compares the tail with the grid's threshold, not the max
+    needed = round(min(0.99, -s.min / threshold * 1.1 + 0.005), 2)
+    if config is not None and (not config.shift_negative_correction or needed > config.shift_negative_ratio):
+        change = {"shift_negative_correction": True}
+        if needed > config.shift_negative_ratio:
+            change["shift_negative_ratio"] = needed
+        knob = "QuantConfig(" + ", ".join(f"{k}={v}" for k, v in change.items()) + ")"
+        if needed > config.shift_negative_ratio:
+            knob += f" (shift_negative_ratio now {config.shift_negative_ratio:g})"
     else:
         knob = _or_wider("shift-negative correction did not apply here (the op or its consumers cannot absorb "
                          "the shift)", gm, row.node)
     return [Finding(row.node, "negative tail",
                     f"range {s.min:.4g}..{s.max:.4g}: the negative side is {ratio:.0%} of the positive, yet the "
-                    "signed grid spends half its codes on it.", knob)]
+                    "signed grid spends half its codes on it.", knob, change=change)]
 
 
 def _concat(row: LayerComparison, gm: fx.GraphModule, rows: dict[str, LayerComparison],
@@ -327,11 +347,15 @@ def _causes(row: LayerComparison, gm: fx.GraphModule, rows: dict[str, LayerCompa
 def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,
                  config: TroubleshootConfig | None = None, *, validation: Iterable | None = None,
                  metrics: Sequence[MetricLike] = ("sqnr", "cosine", "mse"), n_batches: int | None = None,
-                 out_dir: str | os.PathLike | None = None, verbose: bool = True) -> TroubleshootReport:
+                 out_dir: str | os.PathLike | None = None, verify: bool = False,
+                 verbose: bool = True) -> TroubleshootReport:
     """Flag the degraded layers of ``qmodel`` and name a likely cause for each (see the module docstring).
 
-    With ``out_dir``, writes ``report.json`` and ``report.html`` there; ``verbose``
-    prints the summary.  Neither model is modified.
+    ``verify``: quantize again with each suggested configuration change (up to
+    ``config.max_verify`` distinct ones) and record the output SQNR it gives
+    (``Finding.measured``; see :mod:`mct_fx.troubleshoot_verify`).  With ``out_dir``,
+    writes ``report.json`` and ``report.html`` there; ``verbose`` prints the summary.
+    Neither model is modified.
     """
     cfg = config or TroubleshootConfig()
     metrics = tuple(metrics) if not isinstance(metrics, str) else (metrics,)
@@ -380,6 +404,10 @@ def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterabl
                                 f"{target} is not in the target's operator vocabulary: it runs in float, and so "
                                 "do the values it passes on unless a later layer quantizes them.",
                                 "replace it by a supported op, or teach the TPC the op (mct_fx.tpc)"))
+    if verify:
+        from mct_fx.troubleshoot_verify import verify_findings
+
+        findings = verify_findings(findings, float_model, qmodel, loader, n_batches=n_batches, limit=cfg.max_verify)
     report = TroubleshootReport(comparison, flagged, tuple(findings), cfg)
     if out_dir is not None:
         report.write(out_dir)

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 import mct_fx
+from mct_fx.report import output_sqnr
 from mct_fx.troubleshoot import TroubleshootConfig
+from mct_fx.troubleshoot_verify import apply_change
 
 DATA = torch.randn(96, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -59,17 +61,32 @@ def test_an_outlier_channel_is_found_and_equalization_fixes_it():
     assert not after.flagged and after.comparison.output["sqnr"] > report.comparison.output["sqnr"] + 6
 
 
-def test_a_silu_tail_without_snc_is_found():
+def test_verify_measures_each_knob():
+    model = _outlier_channel_model()
+    q = mct_fx.quantize(model, DATA, "imx500", verbose=False)
+    report = mct_fx.troubleshoot(model, q, DATA, verify=True, verbose=False)
+    channel = _findings(report, "outlier channel")[0]
+    assert channel.change == {"activation_channel_equalization": True}
+    assert channel.measured > report.comparison.output["sqnr"] + 6  # measured, not assumed
+    assert "[tried: output SQNR" in report.summary() and "better]" in report.summary()
+    assert all(f.measured is None for f in report.findings if f.change is None)
+
+
+def test_a_silu_tail_without_snc_is_found_and_its_knob_is_verified():
     model = ThreeConvs(nn.functional.silu).eval()
-    loose = TroubleshootConfig(sqnr_db=40)  # 8-bit SiLU loses ~6 dB to the tail: flag generously
+    loose = TroubleshootConfig(sqnr_db=40)  # 8-bit SiLU loses a few dB to the tail: flag generously
     q = mct_fx.quantize(model, DATA, "imx500", mct_fx.QuantConfig(shift_negative_correction=False), verbose=False)
-    report = mct_fx.troubleshoot(model, q, DATA, loose, verbose=False)
-    tails = _findings(report, "negative tail")
-    assert "silu" in [f.node for f in tails], report.summary()
-    assert tails[0].knob == "QuantConfig(shift_negative_correction=True)"
-    # with SNC on and a ratio that admits this tail, the grid is shifted and the finding is gone
-    q = mct_fx.quantize(model, DATA, "imx500", mct_fx.QuantConfig(shift_negative_ratio=0.2), verbose=False)
-    report = mct_fx.troubleshoot(model, q, DATA, loose, verbose=False)
+    report = mct_fx.troubleshoot(model, q, DATA, loose, verify=True, verbose=False)
+    tails = [f for f in _findings(report, "negative tail") if f.node == "silu"]
+    assert tails, report.summary()
+    assert tails[0].knob.startswith("QuantConfig(shift_negative_correction=True, shift_negative_ratio=0.")
+    # the knob applied shifts the grid, and the measured output SQNR is that model's (here, at 8 bits, about
+    # the same as without: the shifted grid wins on this layer and loses about as much downstream)
+    fixed = mct_fx.quantize(model, DATA, "imx500", apply_change(q.meta["mct_fx.config"], tails[0].change),
+                            verbose=False)
+    assert any(r.node == "silu" and "shifted" in r.activation for r in mct_fx.summary(fixed).layers)
+    assert tails[0].measured == pytest.approx(output_sqnr(model, fixed, DATA), abs=1e-6)
+    report = mct_fx.troubleshoot(model, fixed, DATA, loose, verbose=False)
     assert "silu" not in [f.node for f in _findings(report, "negative tail")], report.summary()
 
 

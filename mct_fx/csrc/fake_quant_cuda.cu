@@ -221,6 +221,16 @@ __device__ __forceinline__ A lsq_one(A gi, A xi, A sc, A zc, A lo, A hi, double&
   return inside ? gi : A(0);
 }
 
+__device__ __forceinline__ float4 lsq_four(float4 gv, float4 xv, float sc, float zc, float lo, float hi,
+                                           double& acc_s, double& acc_z) {
+  float4 o;
+  o.x = lsq_one(gv.x, xv.x, sc, zc, lo, hi, acc_s, acc_z);
+  o.y = lsq_one(gv.y, xv.y, sc, zc, lo, hi, acc_s, acc_z);
+  o.z = lsq_one(gv.z, xv.z, sc, zc, lo, hi, acc_s, acc_z);
+  o.w = lsq_one(gv.w, xv.w, sc, zc, lo, hi, acc_s, acc_z);
+  return o;
+}
+
 // Sum the block's partial sums in shared memory; thread 0 adds them to channel c's totals.
 __device__ __forceinline__ void lsq_block_sum(double acc_s, double acc_z, double* gs, double* gz, int64_t c) {
   __shared__ double sh_s[kThreads], sh_z[kThreads];
@@ -277,13 +287,7 @@ __global__ void lsq_kernel_vec4(const float4* __restrict__ g, const float4* __re
   double acc_s = 0.0, acc_z = 0.0;
   for (I j = blockIdx.x * I(blockDim.x) + threadIdx.x; j < per_channel4; j += I(blockDim.x) * gridDim.x) {
     const I i = channel_element(j, c, inner4, channels);
-    const float4 gv = g[i], xv = x[i];
-    float4 o;
-    o.x = lsq_one(gv.x, xv.x, sc, zc, lo, hi, acc_s, acc_z);
-    o.y = lsq_one(gv.y, xv.y, sc, zc, lo, hi, acc_s, acc_z);
-    o.z = lsq_one(gv.z, xv.z, sc, zc, lo, hi, acc_s, acc_z);
-    o.w = lsq_one(gv.w, xv.w, sc, zc, lo, hi, acc_s, acc_z);
-    gx[i] = o;
+    gx[i] = lsq_four(g[i], x[i], sc, zc, lo, hi, acc_s, acc_z);
   }
   lsq_block_sum(acc_s, acc_z, gs, gz, c);
 }
@@ -305,13 +309,7 @@ __global__ void lsq_rows_vec4(const float4* __restrict__ g, const float4* __rest
   double acc_s = 0.0, acc_z = 0.0;
   for (I r = warp; r < rows; r += n_warps) {
     for (I k = r * inner4 + lane, end = (r + 1) * inner4; k < end; k += 32) {
-      const float4 gv = g[k], xv = x[k];
-      float4 o;
-      o.x = lsq_one(gv.x, xv.x, sc, zc, lo, hi, acc_s, acc_z);
-      o.y = lsq_one(gv.y, xv.y, sc, zc, lo, hi, acc_s, acc_z);
-      o.z = lsq_one(gv.z, xv.z, sc, zc, lo, hi, acc_s, acc_z);
-      o.w = lsq_one(gv.w, xv.w, sc, zc, lo, hi, acc_s, acc_z);
-      gx[k] = o;
+      gx[k] = lsq_four(g[k], x[k], sc, zc, lo, hi, acc_s, acc_z);
     }
   }
   for (int off = 16; off > 0; off /= 2) {

@@ -1,0 +1,66 @@
+"""Try the troubleshooter's knobs: quantize again with each suggested configuration change and
+measure the model output against the float model, so a suggestion comes with its measured effect.
+
+A knob is a hypothesis from one layer's statistics; the network may disagree (on MobileNetV2 a
+wider grid that stops clipping one layer's tail costs resolution everywhere else and lowers the
+output SQNR).  Verification re-runs post-training quantization with the model's recorded
+``QuantConfig`` (and mixed-precision budget) plus the change, on the troubleshooter's data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from torch import fx, nn
+
+from mct_fx.config import LayerOverride, QuantConfig
+from mct_fx.report import CONFIG_KEY, output_sqnr
+
+if TYPE_CHECKING:
+    from mct_fx.troubleshoot import Finding
+
+__all__ = ["apply_change", "verify_findings"]
+
+log = logging.getLogger("mct_fx")
+
+
+def apply_change(base: QuantConfig, change: dict) -> QuantConfig:
+    """``base`` with a finding's change: field values, and ``"override"`` as one more LayerOverride."""
+    config = replace(base, **{k: v for k, v in change.items() if k != "override"})
+    if "override" in change:
+        config = replace(config, overrides=(*config.overrides, LayerOverride(**change["override"])))
+    return config
+
+
+def _key(change: dict) -> str:
+    return repr(sorted((k, sorted(v.items()) if isinstance(v, dict) else v) for k, v in change.items()))
+
+
+def verify_findings(findings: Iterable[Finding], float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,
+                    *, n_batches: int | None, limit: int) -> tuple[Finding, ...]:
+    """The findings with ``measured`` filled in for the first ``limit`` distinct changes."""
+    findings = tuple(findings)
+    base, tpc = qmodel.meta.get(CONFIG_KEY), qmodel.meta.get("mct_fx.tpc")
+    if base is None or tpc is None:
+        log.warning("troubleshoot: the model records no QuantConfig / target; the knobs are not verified")
+        return findings
+    summary = qmodel.meta.get("mct_fx.summary")
+    budget = summary.mixed_precision.target if summary is not None and summary.mixed_precision else None
+    from mct_fx.ptq import quantize
+
+    measured: dict[str, float | None] = {}
+    for f in findings:
+        if f.change is None or _key(f.change) in measured or len(measured) >= limit:
+            continue
+        try:
+            candidate = quantize(float_model, loader, tpc, apply_change(base, f.change), target=budget,
+                                 n_batches=n_batches, verbose=False)
+            measured[_key(f.change)] = output_sqnr(float_model, candidate, loader, n_batches)
+        except ValueError as e:  # e.g. the target offers no such bit-width for that node
+            log.info("troubleshoot: knob %s not applicable: %s", f.knob, e)
+            measured[_key(f.change)] = None
+    return tuple(replace(f, measured=measured.get(_key(f.change))) if f.change is not None else f
+                 for f in findings)
