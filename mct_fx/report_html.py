@@ -110,7 +110,8 @@ def render_html(report: TroubleshootReport) -> str:
         parts.append("<table id='findings'><tr><th>layer</th><th>loss seen at</th><th>cause</th><th>evidence</th>"
                      "<th>try</th><th>output SQNR with it (dB)</th></tr>")
         for f in report.findings:
-            measured = "" if f.measured is None else f"{_cell(f.measured)} (now {_cell(c.output['sqnr'])})"
+            measured = "" if f.measured is None or report.verify_baseline is None else (
+                f"{_cell(f.measured)} (without it: {_cell(report.verify_baseline)})")
             parts.append(f"<tr><td>{e(f.node)}</td><td>{e(f.seen_at or f.node)}</td><td>{e(f.cause)}</td>"
                          f"<td>{e(f.evidence)}</td><td><code>{e(f.knob)}</code></td><td>{measured}</td></tr>")
         parts.append("</table>")

@@ -94,6 +94,9 @@ class TroubleshootReport:
     flagged: tuple[str, ...]  # degraded layers, worst first
     findings: tuple[Finding, ...]
     config: TroubleshootConfig
+    # verify=True: output SQNR of the unchanged settings quantized again on the troubleshooting data,
+    # the value each Finding.measured compares with
+    verify_baseline: float | None = None
 
     def causes(self, node: str) -> list[str]:
         return [f.cause for f in self.findings if f.node == node]
@@ -110,10 +113,11 @@ class TroubleshootReport:
             if f.cause != "inherited":
                 where = f" (loss seen at {f.seen_at})" if f.seen_at else ""
                 tried = ""
-                if f.measured is not None:
-                    verdict = "better" if f.measured > out["sqnr"] + 0.5 else (
-                        "worse" if f.measured < out["sqnr"] - 0.5 else "no change")
-                    tried = f" [tried: output SQNR {_fmt(f.measured)} dB vs {_fmt(out['sqnr'])} now: {verdict}]"
+                if f.measured is not None and self.verify_baseline is not None:
+                    base = self.verify_baseline
+                    verdict = "better" if f.measured > base + 0.5 else ("worse" if f.measured < base - 0.5
+                                                                        else "no change")
+                    tried = f" [tried: output SQNR {_fmt(f.measured)} dB vs {_fmt(base)} without it: {verdict}]"
                 lines.append(f"- {f.node}{where}: {f.cause}. {f.evidence} Try: {f.knob}{tried}")
         if inherited:
             lines.append(f"- {len(inherited)} flagged layers only carry a flagged input's loss: "
@@ -121,7 +125,7 @@ class TroubleshootReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "flagged": list(self.flagged),
+        return {"config": asdict(self.config), "flagged": list(self.flagged), "verify_baseline": self.verify_baseline,
                 "findings": [asdict(f) for f in self.findings], "comparison": self.comparison.to_dict()}
 
     def write(self, out_dir: str | os.PathLike) -> tuple[str, str]:
@@ -407,8 +411,11 @@ def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterabl
     if verify:
         from mct_fx.troubleshoot_verify import verify_findings
 
-        findings = verify_findings(findings, float_model, qmodel, loader, n_batches=n_batches, limit=cfg.max_verify)
-    report = TroubleshootReport(comparison, flagged, tuple(findings), cfg)
+        findings, baseline = verify_findings(findings, float_model, qmodel, loader, n_batches=n_batches,
+                                             limit=cfg.max_verify)
+    else:
+        baseline = None
+    report = TroubleshootReport(comparison, flagged, tuple(findings), cfg, baseline)
     if out_dir is not None:
         report.write(out_dir)
     if verbose:

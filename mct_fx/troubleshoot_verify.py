@@ -40,27 +40,34 @@ def _key(change: dict) -> str:
 
 
 def verify_findings(findings: Iterable[Finding], float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,
-                    *, n_batches: int | None, limit: int) -> tuple[Finding, ...]:
-    """The findings with ``measured`` filled in for the first ``limit`` distinct changes."""
+                    *, n_batches: int | None, limit: int) -> tuple[tuple[Finding, ...], float | None]:
+    """The findings with ``measured`` filled in for the first ``limit`` distinct changes, and the baseline:
+    the output SQNR of the unchanged configuration quantized the same way (on ``loader``, which may hold
+    other or fewer samples than the model was calibrated on)."""
     findings = tuple(findings)
     base, tpc = qmodel.meta.get(CONFIG_KEY), qmodel.meta.get("mct_fx.tpc")
     if base is None or tpc is None:
         log.warning("troubleshoot: the model records no QuantConfig / target; the knobs are not verified")
-        return findings
+        return findings, None
+    if not any(f.change is not None for f in findings):
+        return findings, None
     summary = qmodel.meta.get("mct_fx.summary")
     budget = summary.mixed_precision.target if summary is not None and summary.mixed_precision else None
     from mct_fx.ptq import quantize
 
+    def measure(config: QuantConfig) -> float:
+        candidate = quantize(float_model, loader, tpc, config, target=budget, n_batches=n_batches, verbose=False)
+        return output_sqnr(float_model, candidate, loader, n_batches)
+
+    baseline = measure(base)
     measured: dict[str, float | None] = {}
     for f in findings:
         if f.change is None or _key(f.change) in measured or len(measured) >= limit:
             continue
         try:
-            candidate = quantize(float_model, loader, tpc, apply_change(base, f.change), target=budget,
-                                 n_batches=n_batches, verbose=False)
-            measured[_key(f.change)] = output_sqnr(float_model, candidate, loader, n_batches)
+            measured[_key(f.change)] = measure(apply_change(base, f.change))
         except ValueError as e:  # e.g. the target offers no such bit-width for that node
             log.info("troubleshoot: knob %s not applicable: %s", f.knob, e)
             measured[_key(f.change)] = None
     return tuple(replace(f, measured=measured.get(_key(f.change))) if f.change is not None else f
-                 for f in findings)
+                 for f in findings), baseline

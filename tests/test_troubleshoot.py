@@ -67,7 +67,8 @@ def test_verify_measures_each_knob():
     report = mct_fx.troubleshoot(model, q, DATA, verify=True, verbose=False)
     channel = _findings(report, "outlier channel")[0]
     assert channel.change == {"activation_channel_equalization": True}
-    assert channel.measured > report.comparison.output["sqnr"] + 6  # measured, not assumed
+    assert channel.measured > report.verify_baseline + 6  # measured, not assumed
+    assert report.verify_baseline == pytest.approx(report.comparison.output["sqnr"], abs=1e-6)  # same data
     assert "[tried: output SQNR" in report.summary() and "better]" in report.summary()
     assert all(f.measured is None for f in report.findings if f.change is None)
 
