@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from mct_fx.config import QuantConfig
+from mct_fx.config import CONFIG_KEY, QuantConfig
 from mct_fx.data import CalibrationError, batch_size, iter_batches, loader_length, split_batch, take_images, to_device
 from mct_fx.graph_utils import model_device
 from mct_fx.hessian import Granularity, HessianService
@@ -33,7 +33,6 @@ from mct_fx.passes.unify_concat import unify_concat_grids
 from mct_fx.quant_summary import QuantSummary, summarize
 from mct_fx.quantizers.modules import quantizers_off
 from mct_fx.quantizers.search import ErrorMethod
-from mct_fx.report import CONFIG_KEY
 from mct_fx.resources import ResourceUtilization
 from mct_fx.tensorboard import TensorBoardLogger
 from mct_fx.tpc.builtin import get_tpc

@@ -22,11 +22,10 @@ from typing import Any
 
 from torch import fx, nn
 
-from mct_fx.config import QuantConfig
+from mct_fx.config import CONFIG_KEY, QuantConfig
 from mct_fx.ptq import SUMMARY_KEY, TPCLike, quantize
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
-from mct_fx.report import CONFIG_KEY
 from mct_fx.resources import ResourceUtilization
 from mct_fx.tensorboard import TensorBoardLogger
 

@@ -21,14 +21,14 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves
 
+from mct_fx.config import CONFIG_KEY
 from mct_fx.data import iter_batches, to_device
 from mct_fx.graph_utils import model_device
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer, quantizers_off
 
-__all__ = ["compare", "output_sqnr", "Comparison", "LayerComparison", "ActivationStats", "METRICS", "CONFIG_KEY"]
+__all__ = ["compare", "output_sqnr", "jsonable", "Comparison", "LayerComparison", "ActivationStats", "METRICS"]
 
-CONFIG_KEY = "mct_fx.config"  # qmodel.meta: the QuantConfig the model was quantized with
 HIGHER_IS_BETTER = {"sqnr": True, "cosine": True, "mse": False}
 METRICS = tuple(HIGHER_IS_BETTER)
 SAMPLE_VALUES = 4096  # float activation values kept per layer for histograms
@@ -89,9 +89,9 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         return {"metrics": list(self.metrics), "reference": self.reference, "graph_order": list(self.graph_order),
-                "output": _jsonable(self.output),
-                "output_validation": _jsonable(self.output_validation),
-                "layers": [_jsonable(r.to_dict()) for r in self.layers]}
+                "output": jsonable(self.output),
+                "output_validation": jsonable(self.output_validation),
+                "layers": [jsonable(r.to_dict()) for r in self.layers]}
 
     def __str__(self) -> str:
         head = ["node", "op", "weights", "activation", *self.metrics]
@@ -116,14 +116,14 @@ def _fmt(v: float) -> str:
     return "inf" if v == math.inf else f"{v:.4g}"
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """JSON has no infinity: +-inf become the strings "inf" / "-inf"."""
     if isinstance(obj, float) and math.isinf(obj):
         return "inf" if obj > 0 else "-inf"
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj
 
 
@@ -295,7 +295,7 @@ def _layer_inputs(gm: fx.GraphModule, groups: dict[str, tuple[str, ...]]) -> dic
 def _reference(float_model: nn.Module, qmodel: fx.GraphModule, example: Any,
                taps: dict[str, str]) -> tuple[fx.GraphModule, str]:
     """The float graph to compare against, and what it is."""
-    from mct_fx.ptq import prepare  # ptq imports this module's CONFIG_KEY
+    from mct_fx.ptq import prepare  # a workflow of the same layer: imported when used
 
     config, tpc = qmodel.meta.get(CONFIG_KEY), qmodel.meta.get("mct_fx.tpc")
     if config is not None and tpc is not None:

@@ -2,13 +2,16 @@
 
 ``troubleshoot(float_model, qmodel, loader)`` runs :func:`mct_fx.compare`, flags
 the degraded layers (SQNR or cosine below a threshold, or a large drop from the
-layer's inputs) and checks each against the usual causes, with the evidence:
-activation outliers (values many standard deviations out, or one channel far
-wider than the rest), a small negative tail on a signed grid that shift-negative
-correction would fix, concatenated inputs of very different ranges, a low
-bit-width (chosen by mixed precision or set by hand), and ops left float because
-the target does not know them.  Writes ``report.json`` and a self-contained
-``report.html`` (``mct_fx.report_html``) when given a folder.
+layer's inputs) and checks each, and the layers it reads, against the usual
+causes, with the evidence: a low bit-width (chosen by mixed precision or set by
+hand), a grid that clips a tail carrying much of the signal, activation outliers
+(values many standard deviations out, where a tighter grid measurably helps, or
+one channel far wider than the rest), a small negative tail on a signed grid
+that shift-negative correction would fix, concatenated inputs of very different
+ranges, and ops left float because the target does not know them.  Each knob
+is a hypothesis from one layer's statistics; ``verify=True`` measures it
+(:mod:`mct_fx.troubleshoot_verify`).  Writes ``report.json`` and a
+self-contained ``report.html`` (:mod:`mct_fx.report_html`) when given a folder.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from mct_fx.config import CONFIG_KEY
 from mct_fx.graph_utils import attr_value
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer
-from mct_fx.report import CONFIG_KEY, Comparison, LayerComparison, MetricLike, _jsonable, compare
+from mct_fx.report import Comparison, LayerComparison, MetricLike, compare, jsonable
 from mct_fx.tpc.matching import annotation, describe_target
 
 __all__ = ["troubleshoot", "TroubleshootConfig", "TroubleshootReport", "Finding", "CAUSES"]
@@ -135,7 +139,7 @@ class TroubleshootReport:
         os.makedirs(out_dir, exist_ok=True)
         json_path, html_path = os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.html")
         with open(json_path, "w") as f:
-            json.dump(_jsonable(self.to_dict()), f, indent=1)
+            json.dump(jsonable(self.to_dict()), f, indent=1)
         with open(html_path, "w") as f:
             f.write(render_html(self))
         return json_path, html_path

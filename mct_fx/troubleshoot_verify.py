@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
-from mct_fx.config import LayerOverride, QuantConfig
-from mct_fx.report import CONFIG_KEY, output_sqnr
+from mct_fx.config import CONFIG_KEY, LayerOverride, QuantConfig
+from mct_fx.report import output_sqnr
 
 if TYPE_CHECKING:
     from mct_fx.troubleshoot import Finding
