@@ -106,17 +106,25 @@ def render_html(report: TroubleshootReport) -> str:
              + ", ".join(f"{e(m)} {_cell(c.output[m])}" for m in c.metrics)
              + f". {len(report.flagged)} of {len(c.layers)} layers flagged.</p>",
              "<h2>Findings</h2>"]
-    if report.findings:
+    causes = [f for f in report.findings if f.cause != "inherited"]
+    inherited = [f for f in report.findings if f.cause == "inherited"]
+    if causes:
         parts.append("<table id='findings'><tr><th>layer</th><th>loss seen at</th><th>cause</th><th>evidence</th>"
                      "<th>try</th><th>output SQNR with it (dB)</th></tr>")
-        for f in report.findings:
+        for f in causes:
             measured = "" if f.measured is None or report.verify_baseline is None else (
                 f"{_cell(f.measured)} (without it: {_cell(report.verify_baseline)})")
             parts.append(f"<tr><td>{e(f.node)}</td><td>{e(f.seen_at or f.node)}</td><td>{e(f.cause)}</td>"
                          f"<td>{e(f.evidence)}</td><td><code>{e(f.knob)}</code></td><td>{measured}</td></tr>")
         parts.append("</table>")
-    else:
+    elif not inherited:
         parts.append("<p>No layer is below the thresholds.</p>")
+    if inherited:  # folded: they only point upstream
+        parts.append(f"<details><summary>{len(inherited)} flagged layers only carry a flagged input's loss</summary>"
+                     "<table id='inherited'><tr><th>layer</th><th>evidence</th><th>try</th></tr>")
+        for f in inherited:
+            parts.append(f"<tr><td>{e(f.node)}</td><td>{e(f.evidence)}</td><td>{e(f.knob)}</td></tr>")
+        parts.append("</table></details>")
     parts.append("<h2>Plots</h2><div class='plots'>")
     parts.append(f"<img alt='per-layer SQNR' src='{_sqnr_plot(plt, report)}'>")
     causes = [f.node for f in report.findings if f.cause not in ("inherited", "unknown op")]

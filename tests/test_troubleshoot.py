@@ -213,7 +213,7 @@ window.addEventListener('load', () => {
   const imgs = [...document.images];
   const rows = (id) => document.querySelectorAll(id + ' tr').length;
   document.title = JSON.stringify({images: imgs.length, decoded: imgs.filter(i => i.naturalWidth > 0).length,
-    findings: rows('#findings'), layers: rows('#layers')});
+    findings: rows('#findings'), inherited: rows('#inherited'), layers: rows('#layers')});
 });</script></body>"""))
     shot = tmp_path / "shot.png"
     common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
@@ -221,7 +221,10 @@ window.addEventListener('load', () => {
                          capture_output=True, text=True, timeout=120, check=True).stdout
     title = json.loads(dom.split("<title>")[1].split("</title>")[0].replace("&quot;", '"'))
     assert title["images"] >= 2 and title["decoded"] == title["images"]
-    assert title["findings"] == len(report.findings) + 1 and title["layers"] == len(report.comparison.layers) + 1
+    inherited = sum(f.cause == "inherited" for f in report.findings)
+    assert title["findings"] == len(report.findings) - inherited + 1  # causes, header included
+    assert title["inherited"] == (inherited + 1 if inherited else 0)  # folded away
+    assert title["layers"] == len(report.comparison.layers) + 1
     subprocess.run([*common, f"--screenshot={shot}", "--window-size=1300,1800", f"file://{html_path}"],
                    capture_output=True, timeout=120, check=True)
     from PIL import Image
