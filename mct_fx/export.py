@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from mct_fx.graph_utils import attr_value
 from mct_fx.kernels import dequantize, fake_quant
 from mct_fx.kernels import quantize as quantize_codes
 from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer, quantizers_off
+from mct_fx.report import energy_ratio_db
 
 __all__ = ["export_onnx", "ExportError", "ExportResult"]
 
@@ -312,7 +312,7 @@ def export_onnx(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, ..
 def _sqnr_db(ref: list[Tensor], got: list[Tensor]) -> float:
     signal = sum(float(r.pow(2).sum()) for r in ref)
     noise = sum(float((r - g).pow(2).sum()) for r, g in zip(ref, got, strict=True))
-    return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+    return energy_ratio_db(signal, noise)
 
 
 def _agreement(got: list[Tensor], expected: list[Tensor], floats: list[Tensor], step: float | None) -> Agreement:

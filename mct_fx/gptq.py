@@ -233,11 +233,11 @@ def gptq(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", conf
     student = quantize(model, loader, platform, quant_config, target=target, inplace=inplace, verbose=verbose,
                        leaf_modules=leaf_modules, concrete_args=concrete_args)
     trainables = Trainables(student, config)
+    board = TensorBoardLogger(quant_config.log_dir)
     try:
-        board = TensorBoardLogger(quant_config.log_dir)
         report = _train(student, teacher, trainables, batches, config, verbose, board)
-        board.close()
     finally:
+        board.close()
         trainables.restore()
     student.meta[GPTQ_KEY] = report
     student.meta[SUMMARY_KEY] = summarize(student, student.meta[SUMMARY_KEY].mixed_precision)

@@ -169,8 +169,8 @@ def _log_result(board: TensorBoardLogger, model: nn.Module, gm: fx.GraphModule, 
 
     board.thresholds(gm)
     board.mixed_precision(mixed)
-    args, _ = to_device(batches[0], model_device(gm))
-    board.graph("3_quantized", gm, args)
+    example, _ = to_device(batches[0], model_device(gm))
+    board.graph("3_quantized", gm, example)
     loader = [kwargs or (args[0] if len(args) == 1 else None) for args, kwargs in batches]  # as a loader yields
     if not inplace and None not in loader:  # with inplace=True the float model is gone
         board.similarity(compare(model, gm, loader))

@@ -27,7 +27,8 @@ from mct_fx.graph_utils import model_device
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer, quantizers_off
 
-__all__ = ["compare", "output_sqnr", "jsonable", "Comparison", "LayerComparison", "ActivationStats", "METRICS"]
+__all__ = ["compare", "output_sqnr", "sqnr_db", "energy_ratio_db", "jsonable", "Comparison", "LayerComparison",
+           "ActivationStats", "METRICS"]
 
 HIGHER_IS_BETTER = {"sqnr": True, "cosine": True, "mse": False}
 METRICS = tuple(HIGHER_IS_BETTER)
@@ -130,11 +131,28 @@ def jsonable(obj: Any) -> Any:
 # ------------------------------------------------------------------ metrics
 
 
+def energy_ratio_db(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)``; infinite when there is no noise."""
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+def sqnr_db(ref: Tensor, out: Tensor) -> float:
+    """SQNR (dB) of ``out`` against ``ref``."""
+    r = ref.float()
+    return energy_ratio_db(float(r.square().sum()), float((out.float() - r).square().sum()))
+
+
+def _flat_outputs(output: Any) -> Tensor:
+    """Every tensor of a model output as one ``[batch, values]`` matrix."""
+    return torch.cat([t.reshape(t.shape[0] if t.dim() else 1, -1) for t in tree_leaves(output)
+                      if isinstance(t, Tensor)], 1)
+
+
 class _Accumulator:
     """Sums over batches for one layer: signal and noise energy, cosine per sample, custom means."""
 
     def __init__(self, customs: dict[str, Callable]):
-        self.signal = self.noise = self.cos_sum = 0.0
+        self.signal = self.noise = self.cos_sum = 0.0  # become device tensors: no host sync per update
         self.count = self.samples = self.batches = 0
         self.custom = {name: 0.0 for name in customs}
         self.customs = customs
@@ -146,12 +164,12 @@ class _Accumulator:
         sq_r = rows_r.square().sum(1, dtype=torch.float64)
         sq_q = rows_q.square().sum(1, dtype=torch.float64)
         dot = (rows_r * rows_q).sum(1, dtype=torch.float64)
-        self.signal += float(sq_r.sum())
-        self.noise += float((rows_q - rows_r).square().sum(dtype=torch.float64))
+        self.signal = self.signal + sq_r.sum()
+        self.noise = self.noise + (rows_q - rows_r).square().sum(dtype=torch.float64)
         self.count += r.numel()
         same = (rows_r == rows_q).all(1)  # zero vectors included: identical is cosine 1
         cos = torch.where(same, torch.ones_like(dot), dot / (sq_r * sq_q).sqrt().clamp_min(1e-300))
-        self.cos_sum += float(cos.sum())
+        self.cos_sum = self.cos_sum + cos.sum()
         self.samples += cos.numel()
         self.batches += 1
         for name, fn in self.customs.items():
@@ -161,11 +179,11 @@ class _Accumulator:
         out = {}
         for name in names:
             if name == "sqnr":
-                out[name] = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise)
+                out[name] = energy_ratio_db(float(self.signal), float(self.noise))
             elif name == "mse":
-                out[name] = self.noise / max(self.count, 1)
+                out[name] = float(self.noise) / max(self.count, 1)
             elif name == "cosine":
-                out[name] = self.cos_sum / max(self.samples, 1)
+                out[name] = float(self.cos_sum) / max(self.samples, 1)
             else:
                 out[name] = self.custom[name] / max(self.batches, 1)
         return out
@@ -174,7 +192,7 @@ class _Accumulator:
 class _Stats:
     """Running float-activation statistics of one layer."""
 
-    def __init__(self):
+    def __init__(self):  # the running values become device tensors: read once, in result()
         self.lo, self.hi, self.sum, self.sq, self.n = math.inf, -math.inf, 0.0, 0.0, 0
         self.channel: Tensor | None = None
         self.sample: list[float] = []
@@ -185,12 +203,12 @@ class _Stats:
             return
         x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if not torch.isfinite(x).all() else x
         lo, hi = torch.aminmax(x)
-        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
-        self.sum += float(x.sum(dtype=torch.float64))
-        self.sq += float(x.square().sum(dtype=torch.float64))
+        self.lo, self.hi = (lo, hi) if self.n == 0 else (torch.minimum(self.lo, lo), torch.maximum(self.hi, hi))
+        self.sum = self.sum + x.sum(dtype=torch.float64)
+        self.sq = self.sq + x.square().sum(dtype=torch.float64)
         self.n += x.numel()
         if x.dim() >= 2 and x.shape[1] > 1:
-            amax = x.abs().amax(dim=[d for d in range(x.dim()) if d != 1]).cpu()
+            amax = x.abs().amax(dim=[d for d in range(x.dim()) if d != 1])
             self.channel = amax if self.channel is None else torch.maximum(self.channel, amax)
         if len(self.sample) < SAMPLE_VALUES:
             g = torch.Generator().manual_seed(len(self.sample))
@@ -200,10 +218,10 @@ class _Stats:
 
     def result(self) -> ActivationStats:
         n = max(self.n, 1)
-        mean = self.sum / n
-        std = math.sqrt(max(self.sq / n - mean * mean, 0.0))
+        mean = float(self.sum) / n
+        std = math.sqrt(max(float(self.sq) / n - mean * mean, 0.0))
         channel = tuple(self.channel.tolist()) if self.channel is not None else ()
-        return ActivationStats(self.lo, self.hi, mean, std, channel, tuple(self.sample))
+        return ActivationStats(float(self.lo), float(self.hi), mean, std, channel, tuple(self.sample))
 
 
 def _metric_names(metrics: Sequence[MetricLike]) -> tuple[tuple[str, ...], dict[str, Callable]]:
@@ -341,10 +359,7 @@ def _measure(ref: fx.GraphModule, qmodel: fx.GraphModule, taps: dict[str, str], 
         with quantizers_off(ref):
             ref_out = _run(ref, ref_taps, inputs, keep)
         q_out = _run(qmodel, taps, inputs, score)
-        r_leaves = [t for t in tree_leaves(ref_out) if isinstance(t, Tensor)]
-        q_leaves = [t for t in tree_leaves(q_out) if isinstance(t, Tensor)]
-        out_acc.update(torch.cat([t.reshape(t.shape[0] if t.dim() else 1, -1) for t in r_leaves], 1),
-                       torch.cat([t.reshape(t.shape[0] if t.dim() else 1, -1) for t in q_leaves], 1))
+        out_acc.update(_flat_outputs(ref_out), _flat_outputs(q_out))
     return {layer: a.result(names) for layer, a in acc.items() if a.batches}, out_acc.result(names)
 
 
@@ -356,8 +371,7 @@ def output_sqnr(float_model: nn.Module, qmodel: nn.Module, loader: Iterable, n_b
         args, kwargs = to_device(inputs, device)
         with torch.no_grad():
             ref, out = float_model(*args, **kwargs), qmodel(*args, **kwargs)
-        acc.update(*(torch.cat([t.reshape(t.shape[0] if t.dim() else 1, -1) for t in tree_leaves(o)
-                                if isinstance(t, Tensor)], 1) for o in (ref, out)))
+        acc.update(_flat_outputs(ref), _flat_outputs(out))
     return acc.result(("sqnr",))["sqnr"]
 
 

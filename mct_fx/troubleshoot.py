@@ -31,7 +31,7 @@ from mct_fx.config import CONFIG_KEY
 from mct_fx.graph_utils import attr_value
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer
-from mct_fx.report import Comparison, LayerComparison, MetricLike, compare, jsonable
+from mct_fx.report import Comparison, LayerComparison, MetricLike, compare, jsonable, sqnr_db
 from mct_fx.tpc.matching import annotation, describe_target
 
 __all__ = ["troubleshoot", "TroubleshootConfig", "TroubleshootReport", "Finding", "CAUSES"]
@@ -182,22 +182,17 @@ def _or_wider(text: str, gm: fx.GraphModule, node: str) -> str:
     return f"{text}, or {wider}" if wider else text
 
 
-def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    noise = float((out.float() - ref.float()).square().sum())
-    return math.inf if noise == 0 else 10 * math.log10(max(float(ref.float().square().sum()), 1e-300) / noise)
-
-
-def _activation_sqnr(gm: fx.GraphModule, row: LayerComparison) -> float | None:
+def _activationsqnr_db(gm: fx.GraphModule, row: LayerComparison) -> float | None:
     """SQNR (dB) of the layer's float values on its own activation grid: what that grid alone loses."""
     quantizer = _quantizer(gm, f"{row.node}_act_quant")
     if quantizer is None or not row.stats.sample or quantizer.scale.numel() != 1:
         return None
     values = torch.tensor(row.stats.sample, device=quantizer.scale.device)
     with torch.no_grad():
-        return _sqnr(values, quantizer(values))
+        return sqnr_db(values, quantizer(values))
 
 
-def _weight_sqnr(gm: fx.GraphModule, node: str) -> float | None:
+def _weightsqnr_db(gm: fx.GraphModule, node: str) -> float | None:
     """SQNR (dB) of a layer's kernel against its quantized self: how much the weight grid alone loses."""
     quantizer = _quantizer(gm, f"{node}_weight_quant")
     qnode = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == f"{node}_weight_quant"), None)
@@ -205,7 +200,7 @@ def _weight_sqnr(gm: fx.GraphModule, node: str) -> float | None:
     if quantizer is None or weight is None:
         return None
     with torch.no_grad():
-        return _sqnr(weight.detach(), quantizer(weight))
+        return sqnr_db(weight.detach(), quantizer(weight))
 
 
 def _low_bits(node: str, gm: fx.GraphModule, cfg: TroubleshootConfig, mixed: Any) -> list[Finding]:
@@ -233,7 +228,7 @@ def _clipping(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig,
         return []
     values = torch.tensor(row.stats.sample, device=quantizer.scale.device)
     lo, hi = (float(v) for v in quantizer.grid_range())
-    clip_sqnr = _sqnr(values, values.clamp(lo, hi))
+    clip_sqnr = sqnr_db(values, values.clamp(lo, hi))
     if clip_sqnr >= cfg.clip_sqnr_db:
         return []
     beyond = float(((values < lo) | (values > hi)).float().mean()) * 100
@@ -273,8 +268,8 @@ def _outliers(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig,
             half = cfg.outlier_z / 2
             lo, hi = max(s.min, s.mean - half * s.std), min(s.max, s.mean + half * s.std)
             step = (hi - lo) / (2 ** quantizer.n_bits - 1)
-            proposed = _sqnr(values, ((values.clamp(lo, hi) - lo) / step).round() * step + lo)
-            now = _activation_sqnr(gm, row)
+            proposed = sqnr_db(values, ((values.clamp(lo, hi) - lo) / step).round() * step + lo)
+            now = _activationsqnr_db(gm, row)
             if now is not None and proposed >= now + 3:
                 current = "off" if z_threshold is None or math.isinf(z_threshold) else f"{z_threshold:g}"
                 out.append(Finding(row.node, "outliers",
@@ -378,11 +373,14 @@ def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterabl
     flagged_set = set(flagged)
     findings: list[Finding] = []
     seen: set[tuple[str, str]] = set()
+    causes: dict[str, list[Finding]] = {}  # per layer, computed once though several flagged layers read it
     for name in (n for n in comparison.graph_order if n in flagged_set):  # upstream first: causes attach there
         row = rows[name]
         found = []
         for cand in (row, *(rows[i] for i in row.inputs if i in rows)):  # a cause may sit in what the layer reads
-            for f in _causes(cand, qmodel, rows, cfg, summary.mixed_precision, quant_config):
+            if cand.node not in causes:
+                causes[cand.node] = _causes(cand, qmodel, rows, cfg, summary.mixed_precision, quant_config)
+            for f in causes[cand.node]:
                 found.append(f)
                 if (f.node, f.cause) not in seen:
                     seen.add((f.node, f.cause))
@@ -395,8 +393,8 @@ def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterabl
                                     f"fix {worst} first"))
         elif not found:
             inputs = [f"{i} {_fmt(rows[i].metrics['sqnr'])} dB" for i in row.inputs if i in rows]
-            weights = [_fmt(v) for n in (*row.fused, name) if (v := _weight_sqnr(qmodel, n)) is not None]
-            act = _activation_sqnr(qmodel, row)
+            weights = [_fmt(v) for n in (*row.fused, name) if (v := _weightsqnr_db(qmodel, n)) is not None]
+            act = _activationsqnr_db(qmodel, row)
             alone = ([f"its activation grid {_fmt(act)} dB"] if act is not None else []) + (
                 [f"its kernel grid {', '.join(weights)} dB"] if weights else [])
             found = [Finding(name, "unexplained",

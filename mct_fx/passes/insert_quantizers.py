@@ -9,8 +9,9 @@ Reads ``node.meta["mct_fx"]`` (see :mod:`mct_fx.tpc.matching`):
   form, named ``<node>_weight_quant`` / ``<node>_bias_quant``.
 
 New quantizers start in ``observe`` mode, on the device of what they quantize
-(the weight's; the model's for activations), so no grid crosses devices per call.  The pass is deterministic, so a
-model prepared twice has identical module names and ``state_dict`` keys.
+(the weight's; the model's for activations), so no grid crosses devices per
+call.  The pass is deterministic, so a model prepared twice has identical
+module names and ``state_dict`` keys.
 """
 
 from __future__ import annotations
