@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict] = {
     "+ shift-negative param search": {"shift_negative_params_search": True},
     "- z-threshold (inf)": {"z_threshold": math.inf},
     "- ReLU bound to power of two": {"relu_bound_to_power_of_2": False},
+    "- power-of-two alignment": {"power_of_two_alignment": False},
     "+ activation channel equalization": {"activation_channel_equalization": True},
     "+ softmax shift": {"softmax_shift": True},
     "+ concat threshold unification": {"concat_threshold_update": True},

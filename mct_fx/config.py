@@ -81,11 +81,16 @@ class QuantConfig:
     ``layer -> ReLU -> layer`` (statistics from the first calibration batch).
 
     Around the threshold search: ``z_threshold`` drops activation values further
-    than this many standard deviations from the mean (outliers; ``inf``: off).
-    Two defaults differ from MCT's because they measured better (see
+    than this many standard deviations from the mean (outliers; ``inf``: off);
+    ``power_of_two_alignment`` rescales ``layer -> ReLU/ReLU6 -> layers`` chains
+    after calibration so that each power-of-two activation grid sits on the
+    tensor's best unconstrained threshold (float function and weight grids
+    unchanged; see :mod:`mct_fx.passes.align_pot`).
+    Three defaults differ from MCT's because they measured better (see
     ``benchmarks/results/ablation.md``): ``z_threshold=16`` (ImageNet MobileNetV2
     W8A8 top-1 agreement 69.5 -> 77.0 %, neutral on the Fashion-MNIST models and
-    the random-weight zoo) and ``relu_bound_to_power_of_2=True``;
+    the random-weight zoo), ``relu_bound_to_power_of_2=True`` and
+    ``power_of_two_alignment=True`` (MobileNetV2 77.0 -> 80.9 %);
     ``softmax_shift`` recentres the logits a softmax reads through the bias before
     it; ``concat_threshold_update`` puts a concat's inputs on the concat's grid.
 
@@ -110,6 +115,7 @@ class QuantConfig:
     linear_collapsing: bool = True
     residual_collapsing: bool = True
     relu_bound_to_power_of_2: bool = True
+    power_of_two_alignment: bool = True
     activation_channel_equalization: bool = False
     z_threshold: float = 16.0
     softmax_shift: bool = False

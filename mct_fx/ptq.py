@@ -15,6 +15,7 @@ from mct_fx.data import CalibrationError, batch_size, iter_batches, loader_lengt
 from mct_fx.graph_utils import model_device
 from mct_fx.hessian import Granularity, HessianService
 from mct_fx.mixed_precision.search import MixedPrecisionSearch
+from mct_fx.passes.align_pot import ALIGNMENT_KEY, alignment_factors, apply_alignment
 from mct_fx.passes.bias_correction import add_missing_biases, correct_biases
 from mct_fx.passes.calibrate import calibrate
 from mct_fx.passes.collapse_linear import collapse_linear_layers
@@ -131,6 +132,11 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     board.calibration(gm)
     input_means = {name: obs.mean() for name, obs in observers.items()}
     remove_observers(gm)
+    if config.power_of_two_alignment:
+        gm.meta[ALIGNMENT_KEY] = alignment_factors(gm, config)
+        for name, factor in apply_alignment(gm, gm.meta[ALIGNMENT_KEY]).items():
+            if name in input_means:
+                input_means[name] = input_means[name] * factor
     if config.softmax_shift:
         shift_softmax_inputs(gm)
     if search is not None:

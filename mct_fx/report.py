@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 from mct_fx.config import CONFIG_KEY
 from mct_fx.data import iter_batches, to_device
 from mct_fx.graph_utils import model_device
+from mct_fx.passes.align_pot import ALIGNMENT_KEY, apply_alignment
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer, quantizers_off
 
@@ -319,6 +320,7 @@ def _reference(float_model: nn.Module, qmodel: fx.GraphModule, example: Any,
     if config is not None and tpc is not None:
         try:
             ref = prepare(float_model, example, tpc, replace(config, log_dir=None))
+            apply_alignment(ref, qmodel.meta.get(ALIGNMENT_KEY, {}))
         except Exception:  # noqa: BLE001 - any failure: fall back to the quantizers-off twin below
             ref = None
         if ref is not None and set(taps) <= {n.name for n in ref.graph.nodes}:

@@ -11,9 +11,18 @@ from mct_fx.graph_utils import attr_value, quantizer_nodes
 from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
 from mct_fx.passes.shift_negative import shiftable_quantizers
 from mct_fx.quantizers.modules import ActivationQuantizer, WeightQuantizer
+from mct_fx.quantizers.search import ErrorMethod
 from mct_fx.tpc.matching import annotation
 
-__all__ = ["freeze_quantizers", "activation_freezer"]
+__all__ = ["freeze_quantizers", "activation_freezer", "error_method"]
+
+
+def error_method(nodes: dict[str, fx.Node], qnode: fx.Node | None, kind: str, default: ErrorMethod) -> ErrorMethod:
+    """The error method of quantizer node ``qnode`` for ``kind`` ("activation" / "weights"): its source
+    node's override, else ``default``.  ``nodes``: the graph's nodes by name."""
+    source = nodes.get(qnode.meta.get(QUANTIZED_FROM)) if qnode is not None else None
+    ann = annotation(source) if source is not None else None
+    return ann.error_methods.get(kind, default) if ann is not None else default
 
 
 def activation_freezer(gm: fx.GraphModule, config: QuantConfig) -> Callable[[str, ActivationQuantizer], None]:
@@ -28,11 +37,7 @@ def activation_freezer(gm: fx.GraphModule, config: QuantConfig) -> Callable[[str
     def freeze(target: str, q: ActivationQuantizer) -> None:
         if q.observer.empty:
             raise RuntimeError(f"activation quantizer {target!r} saw no data: was calibration run?")
-        qnode = by_target.get(target)
-        source = nodes.get(qnode.meta.get(QUANTIZED_FROM)) if qnode is not None else None
-        ann = annotation(source) if source is not None else None
-        error = ann.error_methods.get("activation", config.activation_error_method) if ann else \
-            config.activation_error_method
+        error = error_method(nodes, by_target.get(target), "activation", config.activation_error_method)
         q.freeze(error, config.lp_norm,
                  shift_negative_ratio=config.shift_negative_ratio if target in shiftable else None,
                  z_threshold=config.z_threshold, shift_negative_search=config.shift_negative_params_search)
@@ -50,12 +55,7 @@ def freeze_quantizers(gm: fx.GraphModule, config: QuantConfig,
     name (the Hessian diagonal, which the HMSE error method needs).
     """
     freeze_activation = activation_freezer(gm, config)
-    sources = {n.name: n for n in gm.graph.nodes}
-
-    def error_method(qnode, kind: str, default):
-        source = sources.get(qnode.meta.get(QUANTIZED_FROM))
-        ann = annotation(source) if source is not None else None
-        return ann.error_methods.get(kind, default) if ann is not None else default
+    nodes = {n.name: n for n in gm.graph.nodes}
 
     for node, q in quantizer_nodes(gm, ActivationQuantizer):
         if q.mode == "observe":
@@ -66,7 +66,7 @@ def freeze_quantizers(gm: fx.GraphModule, config: QuantConfig,
         weight = attr_value(gm, node.args[0])
         if weight is None:
             raise RuntimeError(f"weight quantizer {node.target!r} does not read a parameter")
-        q.freeze(weight, error_method(node, "weights", config.weights_error_method), config.lp_norm,
+        q.freeze(weight, error_method(nodes, node, "weights", config.weights_error_method), config.lp_norm,
                  importance=(importance or {}).get(node.meta.get(QUANTIZED_FROM)) if node.target.endswith(
                      "_weight_quant") else None)
     return gm

@@ -38,14 +38,15 @@ class StreamingHistogram:
         self.max: Tensor | None = None
         self.updates = 0
         self.offset = 0.0  # added to every value seen (see :meth:`shift`)
+        self.factor = 1.0  # every value seen multiplied by it, before the offset (see :meth:`scale`)
 
     @property
     def empty(self) -> bool:
         return self.counts is None
 
     def update(self, x: Tensor) -> None:
-        if self.offset:
-            raise RuntimeError("a shifted histogram cannot take more data")
+        if self.offset or self.factor != 1.0:
+            raise RuntimeError("a shifted or scaled histogram cannot take more data")
         x = x.detach().float().reshape(-1)
         if x.numel() == 0:
             return
@@ -73,13 +74,23 @@ class StreamingHistogram:
         self.offset += offset
         self.min, self.max = self.min + offset, self.max + offset
 
+    def scale(self, factor: float) -> None:
+        """Account for every value already seen being multiplied by ``factor`` > 0 (exact: the bins move with it)."""
+        if self.counts is None:
+            raise RuntimeError("histogram is empty: no data was observed")
+        if not factor > 0:
+            raise ValueError(f"histogram scale factor must be > 0, got {factor}")
+        self.factor *= factor
+        self.offset *= factor
+        self.min, self.max = self.min * factor, self.max * factor
+
     def centres_and_counts(self, trim: bool = True) -> tuple[Tensor, Tensor]:
         """Bin centres and counts (float32), trimmed to the non-empty span when ``trim``."""
         if self.counts is None:
             raise RuntimeError("histogram is empty: no data was observed")
         n = self.bins_per_side
         width = self.range / n
-        centres = (torch.arange(2 * n, device=self.counts.device) - n + 0.5) * width + self.offset
+        centres = (torch.arange(2 * n, device=self.counts.device) - n + 0.5) * (width * self.factor) + self.offset
         counts = self.counts.float()
         if trim:
             nz = torch.nonzero(self.counts).flatten()

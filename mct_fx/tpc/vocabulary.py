@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from mct_fx.quantizers.clamp import BoundedReLU
+
 __all__ = ["op_name", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS", "LINEAR_OPS", "ACTIVATION_OPS"]
 
 MODULE_OPS: dict[type, str] = {
@@ -24,7 +26,8 @@ MODULE_OPS: dict[type, str] = {
     nn.Linear: "FullyConnected",
     nn.BatchNorm1d: "BatchNorm", nn.BatchNorm2d: "BatchNorm", nn.BatchNorm3d: "BatchNorm",
     nn.LayerNorm: "LayerNorm", nn.GroupNorm: "GroupNorm",
-    nn.ReLU: "ReLU", nn.ReLU6: "ReLU6", nn.Hardtanh: "HardTanh", nn.LeakyReLU: "LeakyReLU", nn.PReLU: "PReLU",
+    nn.ReLU: "ReLU", nn.ReLU6: "ReLU6", nn.Hardtanh: "HardTanh", BoundedReLU: "HardTanh",
+    nn.LeakyReLU: "LeakyReLU", nn.PReLU: "PReLU",
     nn.ELU: "Elu", nn.SiLU: "Swish", nn.Hardswish: "HardSwish", nn.Hardsigmoid: "HardSigmoid",
     nn.Sigmoid: "Sigmoid", nn.Tanh: "Tanh", nn.GELU: "Gelu", nn.Mish: "Mish",
     nn.Softmax: "Softmax", nn.LogSoftmax: "LogSoftmax",
