@@ -112,6 +112,24 @@ def test_lut_bit_identical(case, n_centers):
           kernels.reference_fake_quant_lut_backward(*_cpu(grad, x, centers, scale), axis))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_outputs_bit_identical(layout):
+    """Outputs above 4 MiB take the huge-page allocation path of the CPU kernels (the hypothesis cases are small)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 32, 96, 96, generator=g) * 3  # 9.4 MB
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale, zp = torch.rand(32, generator=g) * 0.02 + 0.01, torch.zeros(32)
+    grad = torch.randn(x.shape, generator=g)
+    for s, z, axis in ((scale, zp, 1), (scale[0], zp[0], None)):
+        _same(torch.ops.mct_fx.fake_quant(x, s, z, -128, 127, axis),
+              kernels.reference_fake_quant(x, s, z, -128, 127, axis))
+        _same(torch.ops.mct_fx.fake_quant_backward(grad, x, s, z, -128, 127, axis),
+              kernels.reference_fake_quant_backward(grad, x, s, z, -128, 127, axis))
+        _same(torch.ops.mct_fx.fake_quant_lsq_backward(grad, x, s, z, -128, 127, axis)[0],
+              kernels.reference_fake_quant_lsq_backward(grad, x, s, z, -128, 127, axis)[0])
+
+
 def test_nan_and_inf_behaviour():
     x = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30])
     y = kernels.fake_quant(x, torch.tensor(0.1), torch.tensor(0.0), -128, 127)

@@ -18,8 +18,13 @@
 
 #include "layout.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -313,6 +318,24 @@ void check_inputs(const at::Tensor& x, int64_t qmin, int64_t qmax) {
               "mct_fx: fake quantize supports float32/float16/bfloat16/float64, got ", st);
 }
 
+// A fresh output laid out like `x`.  Large outputs ask for transparent huge pages: with 4 KiB pages
+// the first touch of a fresh allocation (a page fault that zeroes each page) costs as much as the
+// kernel itself at 1e7 elements, and glibc maps every allocation above 32 MiB fresh.  Advice only: a
+// kernel that refuses it changes nothing.
+at::Tensor empty_output(const at::Tensor& x) {
+  at::Tensor y = at::empty_like(x);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const auto& storage = y.storage();
+  if (storage.nbytes() >= 2 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(storage.mutable_data());
+    const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + storage.nbytes()) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return y;
+}
+
 #define MCT_FX_DISPATCH(T, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, "mct_fx", __VA_ARGS__)
 
 // ------------------------------------------------------------------- ops
@@ -322,7 +345,7 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale, const at
   check_inputs(x, qmin, qmax);
   View v = memory_view(x, axis);
   at::Tensor s = params_of(scale, v, "scale"), z = params_of(zero_point, v, "zero_point");
-  at::Tensor y = at::empty_like(v.x);
+  at::Tensor y = empty_output(v.x);
   if (short_rows(v, x.scalar_type())) {
     const float *xp = v.x.data_ptr<float>(), *sp = s.data_ptr<float>(), *zp = z.data_ptr<float>();
     float* yp = y.data_ptr<float>();
@@ -353,7 +376,7 @@ at::Tensor ste_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const a
   View v = memory_view(x, axis);
   at::Tensor g = like_layout(grad.to(x.scalar_type()), v.x);
   at::Tensor s = params_of(scale, v, "scale"), z = params_of(zero_point, v, "zero_point");
-  at::Tensor gx = at::empty_like(v.x);
+  at::Tensor gx = empty_output(v.x);
   if (short_rows(v, x.scalar_type())) {
     const float *xp = v.x.data_ptr<float>(), *gp = g.data_ptr<float>();
     const float *sp = s.data_ptr<float>(), *zp = z.data_ptr<float>();
@@ -388,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor
   View v = memory_view(x, axis);
   at::Tensor g = like_layout(grad.to(x.scalar_type()), v.x);
   at::Tensor s = params_of(scale, v, "scale"), z = params_of(zero_point, v, "zero_point");
-  at::Tensor gx = at::empty_like(v.x);
+  at::Tensor gx = empty_output(v.x);
   const int64_t C = v.channels;
   // one row of partial sums per chunk of rows; the fixed chunking keeps the sums deterministic
   const int64_t n_chunks = std::max<int64_t>(1, at::get_num_threads());
@@ -442,7 +465,7 @@ at::Tensor lut_cpu(const at::Tensor& x, const at::Tensor& centers, const at::Ten
   check_inputs(x, 0, 0);
   View v = memory_view(x, axis);
   at::Tensor s = params_of(scale, v, "scale"), c = sorted_centers(centers, x.scalar_type());
-  at::Tensor y = at::empty_like(v.x);
+  at::Tensor y = empty_output(v.x);
   const int64_t k = c.numel();
   MCT_FX_DISPATCH(x.scalar_type(), [&] {
     using A = compute_t<scalar_t>;
@@ -465,7 +488,7 @@ at::Tensor lut_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const a
   View v = memory_view(x, axis);
   at::Tensor g = like_layout(grad.to(x.scalar_type()), v.x);
   at::Tensor s = params_of(scale, v, "scale"), c = sorted_centers(centers, x.scalar_type());
-  at::Tensor gx = at::empty_like(v.x);
+  at::Tensor gx = empty_output(v.x);
   const int64_t k = c.numel();
   MCT_FX_DISPATCH(x.scalar_type(), [&] {
     using A = compute_t<scalar_t>;
