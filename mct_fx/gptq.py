@@ -31,6 +31,7 @@ from mct_fx.config import QuantConfig
 from mct_fx.data import ModelInputs, batch_size, iter_batches, rebatch, to_device
 from mct_fx.graph_utils import attr_value, model_device, param_source, quantizer_nodes, replace_module, with_outputs
 from mct_fx.hessian import Granularity, HessianConfig, HessianService
+from mct_fx.passes.align_pot import ALIGNMENT_KEY, apply_alignment
 from mct_fx.passes.layer_inputs import quantized_layers
 from mct_fx.ptq import SUMMARY_KEY, TPCLike, prepare, quantize
 from mct_fx.quant_summary import summarize
@@ -232,6 +233,7 @@ def gptq(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", conf
     teacher.eval().requires_grad_(False)
     student = quantize(model, loader, platform, quant_config, target=target, inplace=inplace, verbose=verbose,
                        leaf_modules=leaf_modules, concrete_args=concrete_args)
+    apply_alignment(teacher, student.meta.get(ALIGNMENT_KEY, {}))  # the layer outputs compared: same scale
     trainables = Trainables(student, config)
     board = TensorBoardLogger(quant_config.log_dir)
     try:

@@ -7,6 +7,7 @@ from torch import nn
 import mct_fx
 from mct_fx.gptq import GPTQConfig, Trainables, _beta
 from mct_fx.graph_utils import attr_value, with_outputs
+from mct_fx.passes.align_pot import ALIGNMENT_KEY
 from mct_fx.passes.layer_inputs import quantized_layers
 from mct_fx.quantizers import WeightQuantizer
 from mct_fx.quantizers.trainable import GAMMA, ZETA, SoftRounding, STERounding
@@ -150,6 +151,20 @@ def test_gptq_is_deterministic_under_a_seed():
     b = mct_fx.gptq(model, data, W4, config, verbose=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
                if isinstance(x, torch.Tensor))
+
+
+def test_the_teacher_follows_the_power_of_two_alignment():
+    """PTQ rescales the student's aligned chains; a teacher left at the float scale would pull those layers
+    toward the wrong outputs (the first epoch's distance would be the rescaling, not the quantization)."""
+    model, data = _trained_net(), _data(32)
+    config = GPTQConfig(epochs=1, hessian=mct_fx.HessianConfig(max_iterations=4, min_iterations=2))
+    losses = {}
+    for align in (True, False):
+        q = mct_fx.gptq(model, data, W4, config, quant_config=mct_fx.QuantConfig(power_of_two_alignment=align),
+                        verbose=False)
+        assert bool(q.meta.get(ALIGNMENT_KEY)) == align
+        losses[align] = q.meta["mct_fx.gptq"].epoch_losses[0]
+    assert losses[True] < 1.2 * losses[False], losses  # left at the float scale: 1.45x here
 
 
 def test_hessian_weighting_and_teacher_recomputation():
