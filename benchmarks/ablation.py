@@ -51,7 +51,7 @@ TARGETS = {"W8A8": lambda: mct_fx.get_tpc("imx500"),
            "W4A8 LUT": lambda: with_bits(mct_fx.get_tpc("imx500_lut"), weights=4)}
 
 
-def run_model(name: str, n_calib: int) -> dict:
+def run_model(name: str, n_calib: int, variants: dict[str, dict] = VARIANTS) -> dict:
     spec, data, labels = (compare._mobilenet_job(n_calib) if name == "mobilenet_v2"
                           else compare._fmnist_job(name, n_calib))
     model = compare._build(spec)
@@ -64,8 +64,9 @@ def run_model(name: str, n_calib: int) -> dict:
     calib = compare._batches(data["calib"])
     rows = {}
     for bits, target in TARGETS.items():
-        variants = VARIANTS if bits != "W4A8 LUT" else {"defaults": {}}
-        for label, switches in variants.items():
+        if bits == "W4A8 LUT" and variants is not VARIANTS:
+            continue
+        for label, switches in (variants if bits != "W4A8 LUT" else {"defaults": {}}).items():
             start = time.perf_counter()
             qmodel = mct_fx.quantize(model, calib, target(), mct_fx.QuantConfig(**switches), verbose=False)
             seconds = time.perf_counter() - start
@@ -101,12 +102,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="fmnist_resnet,fmnist_mobilenet,mobilenet_v2")
     parser.add_argument("--n-calib", type=int, default=512)
+    parser.add_argument("--variants", help="comma-separated row labels (default: all; 'defaults' always runs)")
     parser.add_argument("--out", default=compare.RESULTS)
     args = parser.parse_args()
+    variants = VARIANTS
+    if args.variants:
+        wanted = {"defaults", *(v.strip() for v in args.variants.split(","))}
+        unknown = wanted - set(VARIANTS)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+        variants = {k: v for k, v in VARIANTS.items() if k in wanted}
     results, sections = [], ["Command: `python benchmarks/ablation.py` (quality only; one run each, "
                              "deterministic given the seeds)."]
     for name in [m.strip() for m in args.models.split(",")]:
-        result = run_model(name, args.n_calib)
+        result = run_model(name, args.n_calib, variants)
         results.append(result)
         sections.append(table(result))
         print(sections[-1] + "\n", flush=True)
