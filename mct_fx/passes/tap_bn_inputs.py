@@ -46,9 +46,12 @@ class _AffineMoments(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         view = (1, -1) + (1,) * (x.dim() - 2)
         y = torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
-        flat = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(x.shape[0], x.shape[1], -1)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
         ctx.save_for_backward(x, scale)
-        return y, flat.mean(2), torch.linalg.vector_norm(flat, dim=2).square() / flat.shape[2]
+        if x.dim() == 2:
+            return y, wide, wide * wide
+        dims = tuple(range(2, x.dim()))  # reduced over strides: a channels-last x is not copied
+        return y, wide.mean(dims), torch.linalg.vector_norm(wide, dim=dims).square() / x[0, 0].numel()
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, grad_mean: Tensor, grad_second: Tensor):
