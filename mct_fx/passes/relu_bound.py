@@ -26,7 +26,7 @@ from mct_fx.tpc.matching import annotation
 from mct_fx.tpc.schema import Signedness
 from mct_fx.tpc.vocabulary import op_name
 
-__all__ = ["bound_relus_to_power_of_two", "clamp_bound", "POT_BOUND"]
+__all__ = ["bound_relus_to_power_of_two", "POT_BOUND"]
 
 POT_BOUND = 8.0
 _LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
@@ -35,7 +35,7 @@ _LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 _SCALE_COMMUTING = ("Dropout", "Identity", "Flatten", "Reshape", "MaxPool")
 
 
-def clamp_bound(node: fx.Node, gm: fx.GraphModule) -> float | None:
+def _bound(node: fx.Node, gm: fx.GraphModule) -> float | None:
     """The upper bound of a ReLU6 / Hardtanh(0, b) node (None for anything else)."""
     name = op_name(node, gm) if node.op.startswith("call_") else None
     if name == "ReLU6":
@@ -87,7 +87,7 @@ def bound_relus_to_power_of_two(gm: fx.GraphModule) -> int:
     """Rescale every matching ``layer -> ReLU6/Hardtanh(0, b) -> layers``, in place; returns how many."""
     done = 0
     for act in list(gm.graph.nodes):
-        bound, top = clamp_bound(act, gm), _grid_top(act)
+        bound, top = _bound(act, gm), _grid_top(act)
         if bound is None or top is None or math.log2(bound).is_integer() or not act.args:
             continue
         first = act.args[0]
