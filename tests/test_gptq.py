@@ -123,7 +123,7 @@ def _output_mse(model, q, data):
         return sum(float((model(x) - q(x)).square().mean()) for x in data) / len(data)
 
 
-@pytest.mark.parametrize("rounding, epochs", [("soft", 60), ("ste", 15)])
+@pytest.mark.parametrize("rounding, epochs", [("soft", 120), ("ste", 15)])
 def test_gptq_result_is_an_ordinary_quantized_model_closer_to_float(rounding, epochs, tmp_path):
     model, data = _trained_net(), _data()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -138,7 +138,9 @@ def test_gptq_result_is_an_ordinary_quantized_model_closer_to_float(rounding, ep
     for layer, qnode, wq in quantized_layers(q):  # hard rounding written into the weights: on the grid
         w = attr_value(q, qnode.args[0])
         assert isinstance(wq, WeightQuantizer) and torch.equal(wq(w), w), layer.name
-    if rounding == "soft":  # 240 steps: the rounding settles (STE's gain shows on the real models, slow tests)
+    # 480 steps: the rounding settles; at 240 the outcome swung with the start (aligned 0.013 / unaligned
+    # 0.009 vs PTQ's 0.011 held-out MSE; 480 steps: 0.003 both).  STE's gain shows on the real models (slow tests)
+    if rounding == "soft":
         held_out = [_task(512, 3)[0]]
         assert _output_mse(model, q, held_out) < 0.9 * _output_mse(model, ptq, held_out)
     mct_fx.export_onnx(q, data[0][:1], tmp_path / "q.onnx")
