@@ -41,9 +41,9 @@ def quantize_with(tool: str, model, calib):
 
 def run_worker(tool: str, job: str, args: list[str], python: str | None = None) -> dict | None:
     """Run ``job`` (a module in benchmarks/ with a ``work(tool, *args) -> dict``) in a fresh process."""
-    python = python or sys.executable
     if tool == "mct" and not (python and os.path.exists(python)):
-        return None
+        return None  # no MCT venv given: MCT's rows are left out (our venv has no MCT to run)
+    python = python or sys.executable
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [python, os.path.abspath(__file__), "--worker", tool, job, out, *args]
