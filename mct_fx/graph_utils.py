@@ -6,10 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["attr_value", "model_device", "quantizer_nodes", "groups_of", "TRANSPOSED_CONVS", "owned_param",
+__all__ = ["attr_value", "model_device", "quantizer_nodes", "groups_of", "TRANSPOSED_CONVS", "LAYERS",
+           "SCALE_COMMUTING", "owned_param",
            "set_param", "set_layer_bias", "param_source", "placeholder_values", "with_outputs", "replace_module"]
 
 TRANSPOSED_CONVS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)  # the functional weighted layers passes rewrite
+# ops a positive per-tensor scale passes through that have no grid of their own (a quantized op in
+# between, e.g. average pooling, would see its range move off its power of two)
+SCALE_COMMUTING = ("Dropout", "Identity", "Flatten", "Reshape", "MaxPool")
 
 
 def attr_value(gm: fx.GraphModule, node: object) -> torch.Tensor | None:

@@ -22,11 +22,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from mct_fx.config import QuantConfig
-from mct_fx.graph_utils import attr_value, set_param
+from mct_fx.graph_utils import LAYERS, SCALE_COMMUTING, attr_value, set_param
 from mct_fx.passes.freeze import error_method
 from mct_fx.passes.shift_negative import shiftable_quantizers
 from mct_fx.quantizers.clamp import BoundedReLU
@@ -39,9 +38,7 @@ from mct_fx.tpc.vocabulary import op_name
 __all__ = ["alignment_factors", "apply_alignment", "ALIGNMENT_KEY"]
 
 ALIGNMENT_KEY = "mct_fx.pot_alignment"
-_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 _HOMOGENEOUS = ("ReLU", "LeakyReLU", "PReLU")  # f(a x) = a f(x) for a > 0
-_COMMUTING = ("Dropout", "Identity", "Flatten", "Reshape", "MaxPool")
 _SCALE_FREE = (QuantMethod.SYMMETRIC, QuantMethod.UNIFORM)
 _MIN_GAIN = 1e-3  # factors this close to 1 are not worth a rewrite
 
@@ -67,7 +64,7 @@ def _param(gm: fx.GraphModule, arg: object) -> tuple[fx.Node, WeightQuantizer | 
 
 def _weighted(node: fx.Node, gm: fx.GraphModule) -> bool:
     """A conv / linear whose kernel (and bias) only it reads, on scale-free grids."""
-    if not (node.op == "call_function" and node.target in _LAYERS and not node.kwargs and len(node.args) >= 2):
+    if not (node.op == "call_function" and node.target in LAYERS and not node.kwargs and len(node.args) >= 2):
         return False
     bias = node.args[2] if len(node.args) > 2 else None
     return _param(gm, node.args[1]) is not None and (bias is None or _param(gm, bias) is not None)
@@ -79,7 +76,7 @@ def _producer(quant: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     while isinstance(node, fx.Node) and len(node.users) == 1:
         if _weighted(node, gm):
             return node
-        if not node.args or not (_name(node, gm) in _HOMOGENEOUS + _COMMUTING or _bounded(node, gm) is not None):
+        if not node.args or not (_name(node, gm) in _HOMOGENEOUS + SCALE_COMMUTING or _bounded(node, gm) is not None):
             return None
         node = node.args[0]
     return None
@@ -93,7 +90,7 @@ def _readers(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node] | None:
     for user in node.users:
         if _weighted(user, gm) and user.args[0] is node and node not in user.args[1:]:
             out.append(user)
-        elif _name(user, gm) in _COMMUTING and user.args and user.args[0] is node:
+        elif _name(user, gm) in SCALE_COMMUTING and user.args and user.args[0] is node:
             below = _readers(user, gm)
             if below is None:
                 return None

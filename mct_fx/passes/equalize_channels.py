@@ -24,14 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from mct_fx.graph_utils import attr_value, groups_of, owned_param, set_param
+from mct_fx.graph_utils import LAYERS, attr_value, groups_of, owned_param, set_param
 from mct_fx.passes.layer_inputs import expand_to_weight
 from mct_fx.tpc.vocabulary import op_name
 
 __all__ = ["equalize_channels", "MAX_SCALE"]
 
 MAX_SCALE = 32.0
-_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 _HOMOGENEOUS = ("ReLU", "LeakyReLU", "PReLU")
 
 
@@ -51,7 +50,7 @@ class _ChannelMax(nn.Module):
 
 
 def _layer(node: object) -> bool:
-    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _LAYERS
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target in LAYERS
             and not node.kwargs and owned_param(node.args[1]))
 
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
 from torch import fx
 
-from mct_fx.graph_utils import attr_value, owned_param, set_param
+from mct_fx.graph_utils import LAYERS, SCALE_COMMUTING, attr_value, owned_param, set_param
 from mct_fx.quantizers.clamp import BoundedReLU
 from mct_fx.quantizers.params import QuantMethod
 from mct_fx.tpc.matching import annotation
@@ -29,10 +28,6 @@ from mct_fx.tpc.vocabulary import op_name
 __all__ = ["bound_relus_to_power_of_two", "POT_BOUND"]
 
 POT_BOUND = 8.0
-_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
-# Ops a positive scale passes through that have no grid of their own (a quantized op
-# in between, e.g. average pooling, would see its range move off its power of two).
-_SCALE_COMMUTING = ("Dropout", "Identity", "Flatten", "Reshape", "MaxPool")
 
 
 def _bound(node: fx.Node, gm: fx.GraphModule) -> float | None:
@@ -52,7 +47,7 @@ def _bound(node: fx.Node, gm: fx.GraphModule) -> float | None:
 
 
 def _weighted(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _LAYERS and not node.kwargs
+    return node.op == "call_function" and node.target in LAYERS and not node.kwargs
 
 
 def _consumers(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node] | None:
@@ -64,7 +59,7 @@ def _consumers(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node] | None:
         if _weighted(user) and user.args[0] is node and owned_param(user.args[1]):
             out.append(user)
             continue
-        if user.op.startswith("call_") and op_name(user, gm) in _SCALE_COMMUTING:
+        if user.op.startswith("call_") and op_name(user, gm) in SCALE_COMMUTING:
             below = _consumers(user, gm)
             if below is not None:
                 out += below

@@ -15,10 +15,9 @@ correction).
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import fx
 
-from mct_fx.graph_utils import quantizer_nodes
+from mct_fx.graph_utils import LAYERS, quantizer_nodes
 from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
 from mct_fx.quantizers.modules import ActivationQuantizer
 from mct_fx.tpc.matching import annotation
@@ -27,7 +26,6 @@ __all__ = ["SNC_OPS", "shiftable_quantizers"]
 
 SNC_OPS = ("Swish", "HardSwish", "Gelu", "Elu", "PReLU", "LeakyReLU", "Mish")
 _PASS_THROUGH = ("Dropout", "Identity", "Reshape", "Flatten", "MaxPool", "AvgPool")
-_ABSORBERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
 
 def _zero_padding(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -43,7 +41,7 @@ def _absorbed(node: fx.Node, gm: fx.GraphModule) -> bool:
     if not node.users:
         return False
     for user in node.users:
-        if user.op == "call_function" and user.target in _ABSORBERS and user.args[0] is node:
+        if user.op == "call_function" and user.target in LAYERS and user.args[0] is node:
             continue
         ann = annotation(user)
         if ann is None or ann.op not in _PASS_THROUGH or ann.quantize_output:

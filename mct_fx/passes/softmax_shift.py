@@ -9,17 +9,15 @@ shifted with the bias, so no second calibration pass is needed.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import fx
 
-from mct_fx.graph_utils import attr_value, param_source, quantizer_nodes, set_layer_bias
+from mct_fx.graph_utils import LAYERS, attr_value, param_source, quantizer_nodes, set_layer_bias
 from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
 from mct_fx.quantizers.modules import ActivationQuantizer
 from mct_fx.tpc.matching import annotation
 
 __all__ = ["shift_softmax_inputs"]
 
-_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 _SOFTMAX = ("Softmax", "LogSoftmax")
 
 
@@ -29,7 +27,7 @@ def shift_softmax_inputs(gm: fx.GraphModule) -> int:
     shifted = 0
     for qnode, q in quantizer_nodes(gm, ActivationQuantizer):
         layer = names.get(qnode.meta.get(QUANTIZED_FROM))
-        if (layer is None or layer.op != "call_function" or layer.target not in _LAYERS or q.mode != "observe"
+        if (layer is None or layer.op != "call_function" or layer.target not in LAYERS or q.mode != "observe"
                 or q.observer.empty or len(layer.users) != 1):
             continue
         if not qnode.users or not all(annotation(u) is not None and annotation(u).op in _SOFTMAX
