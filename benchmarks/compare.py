@@ -5,7 +5,11 @@
 
 Every method gets the same float model, the same calibration images and the
 same evaluation images, and runs in a fresh worker process (so wall time and peak
-RSS are its own): ``python benchmarks/compare.py --worker METHOD JOB OUT``.
+RSS are its own): ``python benchmarks/compare.py --worker METHOD JOB OUT``.  The
+clock starts after the tool's package is imported (MCT's import alone takes 3-4 s
+here, mct_fx's 0.2 s; ``import_seconds`` in the JSON), and for mixed precision
+after its MIP solver is (MCT's PuLP comes with its package, our SciPy HiGHS
+interface is imported on first use: 0.25-0.4 s once per process).
 Models:
 
 * ``fmnist_resnet``, ``fmnist_mobilenet``: trained by ``train_fmnist.py``;
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import platform
@@ -60,7 +65,8 @@ def _mct_fx_mp(model, job, size_bits: int):
     import mct_fx
 
     budget = mct_fx.ResourceUtilization(weights_memory=job["budgets"][size_bits]["mct_fx"])
-    return mct_fx.quantize(model, _batches(job["calib"]), "imx500", target=budget, verbose=False)
+    q = mct_fx.quantize(model, _batches(job["calib"]), "imx500", target=budget, verbose=False)
+    return q, {"search_seconds": mct_fx.summary(q).mixed_precision.seconds}
 
 
 def _mct_fx_gptq(model, job):
@@ -123,14 +129,28 @@ def _mct_gptq(model, job):
 
 def _mct_mp(model, job, size_bits: int):
     import model_compression_toolkit as mct
+    from model_compression_toolkit.core import runner
 
     ru = mct.core.ResourceUtilization(weights_memory=job["budgets"][size_bits]["mct"])
     core_config = mct.core.CoreConfig(mixed_precision_config=mct.core.MixedPrecisionQuantizationConfig(
         num_of_images=32))
-    q, _ = mct.ptq.pytorch_post_training_quantization(model, _mct_gen(job["calib"]), target_resource_utilization=ru,
-                                                      core_config=core_config,
-                                                      target_platform_capabilities=_mct_tpc())
-    return q
+    search, spent = runner.search_bit_width, []
+
+    def timed(*args, **kwargs):  # MCT's search phase (sensitivities + integer program), as ours reports it
+        start = time.perf_counter()
+        try:
+            return search(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    runner.search_bit_width = timed
+    try:
+        q, _ = mct.ptq.pytorch_post_training_quantization(model, _mct_gen(job["calib"]),
+                                                          target_resource_utilization=ru, core_config=core_config,
+                                                          target_platform_capabilities=_mct_tpc())
+    finally:
+        runner.search_bit_width = search
+    return q, {"search_seconds": sum(spent)}
 
 
 class ChannelMean(torch.nn.Module):
@@ -212,17 +232,24 @@ class Method:
     bits: str
     peer: str  # which python runs it: "ours" (this venv) or "mct" (the MCT venv)
     run: Callable  # (float model, job: calibration images and budgets) -> quantized callable [, extras dict]
+    packages: tuple[str, ...] = ()  # imported before the clock starts (default: the peer's package)
 
+    def imports(self) -> tuple[str, ...]:
+        return self.packages or ({"ours": "mct_fx", "mct": "model_compression_toolkit"}[self.peer],)
+
+
+_MP_IMPORTS = ("mct_fx", "scipy.optimize")
 
 METHODS = {m.name: m for m in (
     Method("mct_fx PTQ", "W8A8", "ours", _mct_fx_ptq),
     Method("MCT PTQ", "W8A8", "mct", _mct_ptq),
-    Method("torch.ao FX PTQ (x86)", "W8A8", "ours", _torch_ao_ptq),
+    Method("torch.ao FX PTQ (x86)", "W8A8", "ours", _torch_ao_ptq, ("torch.ao.quantization.quantize_fx",)),
     Method("mct_fx PTQ W4A8", "W4A8", "ours", lambda model, job: _mct_fx_ptq(model, job, 4)),
     Method("MCT PTQ W4A8", "W4A8", "mct", lambda model, job: _mct_ptq(model, job, 4)),
-    Method("mct_fx MP 4-bit size", "MP W8/4/2 A8", "ours", lambda model, job: _mct_fx_mp(model, job, 4)),
+    # MCT imports its MIP solver (PuLP) with its package; ours (SciPy's HiGHS) is imported on first use
+    Method("mct_fx MP 4-bit size", "MP W8/4/2 A8", "ours", lambda model, job: _mct_fx_mp(model, job, 4), _MP_IMPORTS),
     Method("MCT MP 4-bit size", "MP W8/4/2 A8", "mct", lambda model, job: _mct_mp(model, job, 4)),
-    Method("mct_fx MP 3-bit size", "MP W8/4/2 A8", "ours", lambda model, job: _mct_fx_mp(model, job, 3)),
+    Method("mct_fx MP 3-bit size", "MP W8/4/2 A8", "ours", lambda model, job: _mct_fx_mp(model, job, 3), _MP_IMPORTS),
     Method("MCT MP 3-bit size", "MP W8/4/2 A8", "mct", lambda model, job: _mct_mp(model, job, 3)),
     Method("mct_fx GPTQ W4A8", "W4A8", "ours", _mct_fx_gptq),
     Method("MCT GPTQ W4A8", "W4A8", "mct", _mct_gptq),
@@ -263,6 +290,10 @@ def worker(method: str, job_path: str, out_path: str) -> None:
     torch.manual_seed(0)
     job = torch.load(job_path, weights_only=False)
     model = _build(job["model"])
+    start = time.perf_counter()  # a process pays the tool's import once: timed apart from the work
+    for package in METHODS[method].imports():
+        importlib.import_module(package)
+    import_seconds = time.perf_counter() - start
     baseline = _peak_rss_mb()
     start = time.perf_counter()
     qmodel = METHODS[method].run(model, job)
@@ -273,7 +304,8 @@ def worker(method: str, job_path: str, out_path: str) -> None:
     with torch.no_grad():
         for name, x in job["eval"].items():
             logits[name] = torch.cat([qmodel(b) for b in _batches(x, 100)]).float()
-    torch.save({"seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": baseline, "logits": logits,
+    torch.save({"seconds": seconds, "import_seconds": import_seconds, "peak_rss_mb": peak,
+                "baseline_rss_mb": baseline, "logits": logits,
                 "threads": torch.get_num_threads(), **extras}, out_path)
 
 
@@ -368,8 +400,8 @@ def run_model(model_name: str, methods: list[str], args) -> dict:
                 "baseline_rss_mb": min(r["baseline_rss_mb"] for r in runs),
                 "threads": runs[0]["threads"],
                 **_quality(runs[-1]["logits"], float_logits, labels),
-                **({"generation_seconds": statistics.median(r["generation_seconds"] for r in runs)}
-                   if "generation_seconds" in runs[0] else {}),
+                **{k: statistics.median(r[k] for r in runs)
+                   for k in ("import_seconds", "generation_seconds", "search_seconds") if k in runs[0]},
             }
     return result
 
@@ -407,6 +439,11 @@ def table(result: dict) -> str:
         seconds = f"{m['seconds']:.1f}"
         if "generation_seconds" in m:  # data-free rows: the time includes generating the images
             seconds += f" (generation {m['generation_seconds']:.1f})"
+        # mixed-precision rows: the search phase timed inside the run; ours: the candidates' quantizers,
+        # sensitivities and integer program; MCT's search_bit_width: sensitivities and integer program (its
+        # candidates' parameters come earlier, with PTQ's), so "MP run - PTQ run" is the like-for-like cost
+        if "search_seconds" in m:
+            seconds += f" (search {m['search_seconds']:.2f})"
         row += [seconds, f"{m['peak_rss_mb']:.0f}"]
         # the MCT row doing the same job: the same name with MCT for ours, MCT's W8A8 PTQ for torch.ao
         peer = name.replace("mct_fx", "MCT") if name.startswith("mct_fx") else (
@@ -516,9 +553,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
     machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads; medians of {args.repeats} run(s)")
-    results, sections = [], [f"Machine: {machine}.", "Command: `python benchmarks/compare.py "
-                              f"--repeats {args.repeats}` (`nox -s bench`)."]
+               f"{torch.get_num_threads()} threads; medians of {args.repeats} run(s); times exclude importing "
+               f"the tool")
+    argv = sys.argv[1:]  # as run, without the local path of the MCT venv
+    shown = [a for i, a in enumerate(argv) if not a.startswith("--mct-python")
+             and not (i and argv[i - 1] == "--mct-python")]
+    results, sections = [], [f"Machine: {machine}.", f"Command: `python benchmarks/compare.py {' '.join(shown)}`."]
     for name in [m.strip() for m in args.models.split(",")]:
         result = run_model(name, methods, args)
         results.append(result)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
-import io
 import linecache
 import traceback
 from collections.abc import Iterable
@@ -13,7 +11,8 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from mct_fx.quantizers.modules import FakeQuantizer
 
@@ -174,8 +173,42 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[tuple, dict]) -> 
 
 
 def _shape_prop(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback
-        ShapeProp(gm).propagate(*bind_inputs(gm, args, kwargs))
+    with torch.no_grad():
+        _ShapeRecorder(gm).run(*bind_inputs(gm, args, kwargs))
+
+
+_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
+    """torch's ``_extract_tensor_metadata`` of a dense tensor, through the C++ contiguity checks (torch's
+    goes through ``torch._check``, whose first call imports sympy)."""
+    if t.layout is not torch.strided or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    memory_format = next((f for f in _FORMATS if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, False, {})
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """``node.meta["tensor_meta"]`` / ``["type"]`` as torch's ShapeProp records them, without its fake-tensor
+    support: ShapeProp imports sympy (0.6 s, most of a small model's first quantization in a process)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        found = False
+
+        def meta(value: Any) -> Any:
+            nonlocal found
+            if isinstance(value, torch.Tensor):
+                found = True
+                return _tensor_meta(value)
+            return value
+
+        tensor_meta = map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = tensor_meta
+        n.meta["type"] = type(result)
+        return result
 
 
 def _one_sample(inputs):

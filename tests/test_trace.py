@@ -108,3 +108,34 @@ def test_trace_copies_unless_inplace():
     assert gm.get_submodule("conv") is not model.conv
     gm2 = mct_fx.trace(model, leaf_modules=["gate"], inplace=True)
     assert gm2.get_submodule("conv") is model.conv
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.permute(0, 2, 3, 1), (y.flatten(1).int(), y.shape[1])
+
+
+@pytest.mark.parametrize("case", ["resnet18", "channels_last", "tuples"])
+def test_shapes_recorded_as_torchs_shape_prop(case):
+    """trace records tensor_meta without torch's ShapeProp (which imports sympy); the metadata is the same."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = torchvision.models.resnet18() if case == "resnet18" else TwoOutputs()
+    if case == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    gm = mct_fx.trace(model.eval(), ((x,), {}))
+    ours = {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}
+    for n in gm.graph.nodes:
+        n.meta.pop("tensor_meta", None)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(x[:1])  # trace records shapes from one sample
+    theirs = {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}
+    assert ours == theirs
+    assert sum(meta is not None for meta, _ in ours.values()) >= 4

@@ -1,12 +1,14 @@
 """Pick one candidate per configurable node: least total sensitivity under a resource budget.
 
-An integer program in cvxpy: a boolean per (node, candidate), exactly one per
-node; weights memory, activation memory (one constraint per execution step:
-the tensors alive there), total memory and BOPS are linear in those booleans
-(a layer whose weight bits and input activation bits are both chosen gets a
-product variable per candidate pair, linearized).  Solved by HiGHS (through
-SciPy's ``milp``, or cvxpy's HiGHS interface), then refined greedily: a node moves to a candidate
-with more bits while its sensitivity does not grow and the budget holds.
+An integer program: a boolean per (node, candidate), exactly one per node;
+weights memory, activation memory (one constraint per execution step: the
+tensors alive there), total memory and BOPS are linear in those booleans (a
+layer whose weight bits and input activation bits are both chosen gets a
+product variable per candidate pair, linearized).  The rows are built here and
+solved by HiGHS through SciPy's ``milp`` (a modelling layer such as cvxpy cost
+more to import than the whole search on a small model), then refined greedily:
+a node moves to a candidate with more bits while its sensitivity does not grow
+and the budget holds.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ __all__ = ["MixedPrecisionError", "solve", "smallest_achievable"]
 
 
 class MixedPrecisionError(ValueError):
-    """The budget cannot be met (the message gives the smallest achievable value) or no solver is available."""
+    """The budget cannot be met (the message gives the smallest achievable value)."""
 
 
 def _bits(entry: Configurable, kind: str) -> np.ndarray:
@@ -69,69 +71,118 @@ def solve(costs: CostModel, entries: Sequence[Configurable], sensitivity: Sequen
 
 
 def _integer_program(costs, entries, sensitivity, target) -> list[int]:
-    import cvxpy as cp
+    from scipy.optimize import Bounds, LinearConstraint, milp
 
-    x = [cp.Variable(len(e.candidates), boolean=True) for e in entries]
-    index = {e.node: i for i, e in enumerate(entries)}
-    base = costs.configs()
-    constraints = [cp.sum(v) == 1 for v in x]
-
-    def bits(node: str | None, kind: str):
-        """Bits of ``node``'s kernel/bias/activation: a constant or an expression in its booleans."""
-        if node in index:
-            values = _bits(entries[index[node]], kind)
-            return (values, x[index[node]]) if np.ptp(values) > 0 else (values[0], None)
-        config = base.get(node) if node is not None else None
-        return (activation_bits(config) if kind == "activation" else weight_bits(config, kind)), None
-
-    def scaled(factor: float, b) -> object:
-        values, var = b
-        return factor * values if var is None else (factor * values) @ var
-
-    weights = sum(scaled(t.numel / 8, bits(t.node, t.attribute)) for t in costs.weights)
+    program = _Program(costs, entries, "bops" in dict(target.items()))
     fields = dict(target.items())
+    weights = program.linear((t.numel / 8, t.node, t.attribute) for t in costs.weights)
     if "weights_memory" in fields:
-        constraints.append(weights <= fields["weights_memory"])
+        program.at_most(weights, fields["weights_memory"])
     if "activation_memory" in fields or "total_memory" in fields:
         for step in costs.steps:
-            live = sum(scaled(t.numel / 8, bits(t.node, "activation")) for t in costs.live_at(step))
+            live = program.linear((t.numel / 8, t.node, "activation") for t in costs.live_at(step))
             if "activation_memory" in fields:
-                constraints.append(live <= fields["activation_memory"])
+                program.at_most(live, fields["activation_memory"])
             if "total_memory" in fields:
-                constraints.append(weights + live <= fields["total_memory"])
+                program.at_most((weights[0] + live[0], weights[1] + live[1]), fields["total_memory"])
     if "bops" in fields:
-        terms = []
-        for t in costs.layers:
-            (wv, wx), (av, ax) = bits(t.node, "kernel"), bits(t.input_node, "activation")
-            if wx is not None and ax is not None:
-                z = cp.Variable((len(wv), len(av)), nonneg=True)
-                constraints.append(z >= cp.reshape(wx, (len(wv), 1), order="C") @ np.ones((1, len(av)))
-                                   + np.ones((len(wv), 1)) @ cp.reshape(ax, (1, len(av)), order="C") - 1)
-                terms.append(cp.sum(cp.multiply(t.macs * np.outer(wv, av), z)))
-            elif wx is not None:
-                terms.append((t.macs * av * wv) @ wx)
-            elif ax is not None:
-                terms.append((t.macs * wv * av) @ ax)
-            else:
-                terms.append(t.macs * wv * av)
-        constraints.append(sum(terms) <= fields["bops"])
+        program.at_most(program.bops(), fields["bops"])
     # scale the objective so that solver tolerances do not see tiny sensitivities as ties
-    s = [np.asarray(v, dtype=float) for v in sensitivity]
-    scale = max(max(float(np.abs(v).max()) for v in s), 1e-30)
-    problem = cp.Problem(cp.Minimize(sum((v / scale) @ xi for v, xi in zip(s, x, strict=True))), constraints)
-    _solve(problem, cp)
-    if problem.status not in ("optimal", "optimal_inaccurate"):
+    s = np.concatenate([np.asarray(v, dtype=float) for v in sensitivity])
+    c = np.zeros(program.n)
+    c[:len(s)] = s / max(float(np.abs(s).max()), 1e-30)
+    integrality = np.zeros(program.n)
+    integrality[:len(s)] = 1
+    result = milp(c, integrality=integrality, bounds=Bounds(0, 1),
+                  constraints=LinearConstraint(np.array(program.rows), program.lower, program.upper))
+    if result.x is None:
         raise MixedPrecisionError(f"no choice of candidates meets the target {target} together "
-                                  f"(solver status: {problem.status})")
-    return [int(np.argmax(v.value)) for v in x]
+                                  f"(solver: {result.message})")
+    return [int(np.argmax(result.x[program.slices[i]])) for i in range(len(entries))]
 
 
-def _solve(problem, cp) -> None:
-    # SciPy's milp is HiGHS too, without the banner cvxpy's own HiGHS interface prints on stdout
-    solvers = [s for s in ("SCIPY", "HIGHS") if s in cp.installed_solvers()]
-    if not solvers:
-        raise MixedPrecisionError("mixed precision needs a MIP solver: install cvxpy with HiGHS or SciPy >= 1.9")
-    problem.solve(solver=solvers[0])
+class _Program:
+    """Rows of a mixed-integer program: one boolean per (entry, candidate), exactly one per entry.
+
+    Resources are linear in the booleans; a layer whose kernel bits and input
+    activation bits are both chosen gets a continuous variable per candidate pair
+    (``z >= w + a - 1``, the product of two booleans where it is pressed down).
+    """
+
+    def __init__(self, costs: CostModel, entries: Sequence[Configurable], with_products: bool):
+        self.costs, self.entries = costs, entries
+        self.index = {e.node: i for i, e in enumerate(entries)}
+        self.base = costs.configs()
+        starts = np.cumsum([0] + [len(e.candidates) for e in entries]).tolist()
+        self.slices = [slice(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        self.products: list[tuple[object, int]] = []  # (layer term, offset of its z block)
+        n = starts[-1]
+        if with_products:
+            for t in costs.layers:
+                (wv, wx), (av, ax) = self.bits(t.node, "kernel"), self.bits(t.input_node, "activation")
+                if wx is not None and ax is not None:
+                    self.products.append((t, n))
+                    n += len(wv) * len(av)
+        self.n = n
+        self.rows: list[np.ndarray] = []
+        self.lower: list[float] = []
+        self.upper: list[float] = []
+        for where in self.slices:
+            row = np.zeros(n)
+            row[where] = 1
+            self._row(row, 1.0, 1.0)
+
+    def bits(self, node: str | None, kind: str) -> tuple[np.ndarray | float, slice | None]:
+        """Bits of ``node``'s kernel/bias/activation: per candidate with the entry's booleans, or a constant."""
+        if node in self.index:
+            i = self.index[node]
+            values = _bits(self.entries[i], kind)
+            return (values, self.slices[i]) if np.ptp(values) > 0 else (float(values[0]), None)
+        config = self.base.get(node) if node is not None else None
+        return (activation_bits(config) if kind == "activation" else weight_bits(config, kind)), None
+
+    def linear(self, terms) -> tuple[np.ndarray, float]:
+        """``sum(factor * bits(node, kind))`` as (coefficients, constant)."""
+        row, constant = np.zeros(self.n), 0.0
+        for factor, node, kind in terms:
+            values, where = self.bits(node, kind)
+            if where is None:
+                constant += factor * values
+            else:
+                row[where] += factor * values
+        return row, constant
+
+    def bops(self) -> tuple[np.ndarray, float]:
+        """Total bit operations; adds the product rows of layers with both bit-widths chosen."""
+        paired = {id(t): offset for t, offset in self.products}
+        row, constant = np.zeros(self.n), 0.0
+        for t in self.costs.layers:
+            (wv, wx), (av, ax) = self.bits(t.node, "kernel"), self.bits(t.input_node, "activation")
+            if id(t) in paired:
+                offset = paired[id(t)]
+                for i in range(len(wv)):
+                    for j in range(len(av)):
+                        z = offset + i * len(av) + j
+                        row[z] = t.macs * wv[i] * av[j]
+                        link = np.zeros(self.n)  # z - w_i - a_j >= -1
+                        link[z], link[wx.start + i], link[ax.start + j] = 1, -1, -1
+                        self._row(link, -1.0, np.inf)
+            elif wx is not None:
+                row[wx] += t.macs * av * wv
+            elif ax is not None:
+                row[ax] += t.macs * wv * av
+            else:
+                constant += t.macs * wv * av
+        return row, constant
+
+    def at_most(self, expression: tuple[np.ndarray, float], bound: float) -> None:
+        row, constant = expression
+        self._row(row, -np.inf, bound - constant)
+
+    def _row(self, row: np.ndarray, lower: float, upper: float) -> None:
+        self.rows.append(row)
+        self.lower.append(lower)
+        self.upper.append(upper)
 
 
 def _refine(costs, entries, sensitivity, target, choice: list[int]) -> list[int]:
