@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -558,7 +559,7 @@ def main() -> None:
     argv = sys.argv[1:]  # as run, without the local path of the MCT venv
     shown = [a for i, a in enumerate(argv) if not a.startswith("--mct-python")
              and not (i and argv[i - 1] == "--mct-python")]
-    results, sections = [], [f"Machine: {machine}.", f"Command: `python benchmarks/compare.py {' '.join(shown)}`."]
+    results, sections = [], [f"Machine: {machine}.", f"Command: `python benchmarks/compare.py {shlex.join(shown)}`."]
     for name in [m.strip() for m in args.models.split(",")]:
         result = run_model(name, methods, args)
         results.append(result)

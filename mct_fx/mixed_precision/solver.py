@@ -73,8 +73,8 @@ def solve(costs: CostModel, entries: Sequence[Configurable], sensitivity: Sequen
 def _integer_program(costs, entries, sensitivity, target) -> list[int]:
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    program = _Program(costs, entries, "bops" in dict(target.items()))
     fields = dict(target.items())
+    program = _Program(costs, entries, with_products="bops" in fields)
     weights = program.linear((t.numel / 8, t.node, t.attribute) for t in costs.weights)
     if "weights_memory" in fields:
         program.at_most(weights, fields["weights_memory"])
