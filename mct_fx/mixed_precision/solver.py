@@ -74,7 +74,7 @@ def _integer_program(costs, entries, sensitivity, target) -> list[int]:
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     fields = dict(target.items())
-    program = _Program(costs, entries, with_products="bops" in fields)
+    program = _Program(costs, entries)
     weights = program.linear((t.numel / 8, t.node, t.attribute) for t in costs.weights)
     if "weights_memory" in fields:
         program.at_most(weights, fields["weights_memory"])
@@ -84,7 +84,7 @@ def _integer_program(costs, entries, sensitivity, target) -> list[int]:
             if "activation_memory" in fields:
                 program.at_most(live, fields["activation_memory"])
             if "total_memory" in fields:
-                program.at_most((weights[0] + live[0], weights[1] + live[1]), fields["total_memory"])
+                program.at_most(_plus(weights, live), fields["total_memory"])
     if "bops" in fields:
         program.at_most(program.bops(), fields["bops"])
     # scale the objective so that solver tolerances do not see tiny sensitivities as ties
@@ -94,43 +94,48 @@ def _integer_program(costs, entries, sensitivity, target) -> list[int]:
     integrality = np.zeros(program.n)
     integrality[:len(s)] = 1
     result = milp(c, integrality=integrality, bounds=Bounds(0, 1),
-                  constraints=LinearConstraint(np.array(program.rows), program.lower, program.upper))
+                  constraints=LinearConstraint(program.matrix(), program.lower, program.upper))
     if result.x is None:
         raise MixedPrecisionError(f"no choice of candidates meets the target {target} together "
                                   f"(solver: {result.message})")
-    return [int(np.argmax(result.x[program.slices[i]])) for i in range(len(entries))]
+    return [int(np.argmax(result.x[where])) for where in program.slices]
+
+
+_Linear = tuple[dict[int, float], float]  # coefficients by variable, constant
+
+
+def _add(coef: dict[int, float], where: slice, values: np.ndarray) -> None:
+    for k, v in enumerate(values.tolist(), start=where.start):
+        coef[k] = coef.get(k, 0.0) + v
+
+
+def _plus(a: _Linear, b: _Linear) -> _Linear:
+    coef = dict(a[0])
+    for k, v in b[0].items():
+        coef[k] = coef.get(k, 0.0) + v
+    return coef, a[1] + b[1]
 
 
 class _Program:
-    """Rows of a mixed-integer program: one boolean per (entry, candidate), exactly one per entry.
+    """Sparse rows of a mixed-integer program: one boolean per (entry, candidate), exactly one per entry.
 
     Resources are linear in the booleans; a layer whose kernel bits and input
     activation bits are both chosen gets a continuous variable per candidate pair
     (``z >= w + a - 1``, the product of two booleans where it is pressed down).
     """
 
-    def __init__(self, costs: CostModel, entries: Sequence[Configurable], with_products: bool):
+    def __init__(self, costs: CostModel, entries: Sequence[Configurable]):
         self.costs, self.entries = costs, entries
         self.index = {e.node: i for i, e in enumerate(entries)}
         self.base = costs.configs()
         starts = np.cumsum([0] + [len(e.candidates) for e in entries]).tolist()
         self.slices = [slice(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
-        self.products: list[tuple[object, int]] = []  # (layer term, offset of its z block)
-        n = starts[-1]
-        if with_products:
-            for t in costs.layers:
-                (wv, wx), (av, ax) = self.bits(t.node, "kernel"), self.bits(t.input_node, "activation")
-                if wx is not None and ax is not None:
-                    self.products.append((t, n))
-                    n += len(wv) * len(av)
-        self.n = n
-        self.rows: list[np.ndarray] = []
+        self.n = starts[-1]
+        self.rows: list[dict[int, float]] = []
         self.lower: list[float] = []
         self.upper: list[float] = []
         for where in self.slices:
-            row = np.zeros(n)
-            row[where] = 1
-            self._row(row, 1.0, 1.0)
+            self._row(dict.fromkeys(range(where.start, where.stop), 1.0), 1.0, 1.0)
 
     def bits(self, node: str | None, kind: str) -> tuple[np.ndarray | float, slice | None]:
         """Bits of ``node``'s kernel/bias/activation: per candidate with the entry's booleans, or a constant."""
@@ -141,46 +146,54 @@ class _Program:
         config = self.base.get(node) if node is not None else None
         return (activation_bits(config) if kind == "activation" else weight_bits(config, kind)), None
 
-    def linear(self, terms) -> tuple[np.ndarray, float]:
-        """``sum(factor * bits(node, kind))`` as (coefficients, constant)."""
-        row, constant = np.zeros(self.n), 0.0
+    def linear(self, terms) -> _Linear:
+        """``sum(factor * bits(node, kind))``."""
+        coef: dict[int, float] = {}
+        constant = 0.0
         for factor, node, kind in terms:
             values, where = self.bits(node, kind)
             if where is None:
                 constant += factor * values
             else:
-                row[where] += factor * values
-        return row, constant
+                _add(coef, where, factor * values)
+        return coef, constant
 
-    def bops(self) -> tuple[np.ndarray, float]:
-        """Total bit operations; adds the product rows of layers with both bit-widths chosen."""
-        paired = {id(t): offset for t, offset in self.products}
-        row, constant = np.zeros(self.n), 0.0
+    def bops(self) -> _Linear:
+        """Total bit operations; a layer with both bit-widths chosen adds its product variables and rows."""
+        coef: dict[int, float] = {}
+        constant = 0.0
         for t in self.costs.layers:
             (wv, wx), (av, ax) = self.bits(t.node, "kernel"), self.bits(t.input_node, "activation")
-            if id(t) in paired:
-                offset = paired[id(t)]
+            if wx is not None and ax is not None:
                 for i in range(len(wv)):
                     for j in range(len(av)):
-                        z = offset + i * len(av) + j
-                        row[z] = t.macs * wv[i] * av[j]
-                        link = np.zeros(self.n)  # z - w_i - a_j >= -1
-                        link[z], link[wx.start + i], link[ax.start + j] = 1, -1, -1
-                        self._row(link, -1.0, np.inf)
+                        z = self.n
+                        self.n += 1
+                        coef[z] = t.macs * wv[i] * av[j]
+                        self._row({z: 1.0, wx.start + i: -1.0, ax.start + j: -1.0}, -1.0, np.inf)
             elif wx is not None:
-                row[wx] += t.macs * av * wv
+                _add(coef, wx, t.macs * av * wv)
             elif ax is not None:
-                row[ax] += t.macs * wv * av
+                _add(coef, ax, t.macs * wv * av)
             else:
                 constant += t.macs * wv * av
-        return row, constant
+        return coef, constant
 
-    def at_most(self, expression: tuple[np.ndarray, float], bound: float) -> None:
-        row, constant = expression
-        self._row(row, -np.inf, bound - constant)
+    def at_most(self, expression: _Linear, bound: float) -> None:
+        coef, constant = expression
+        self._row(coef, -np.inf, bound - constant)
 
-    def _row(self, row: np.ndarray, lower: float, upper: float) -> None:
-        self.rows.append(row)
+    def matrix(self):
+        """The rows as a sparse matrix over all variables."""
+        from scipy.sparse import csr_array
+
+        rows = [r for r, coef in enumerate(self.rows) for _ in coef]
+        cols = [k for coef in self.rows for k in coef]
+        values = [v for coef in self.rows for v in coef.values()]
+        return csr_array((values, (rows, cols)), shape=(len(self.rows), self.n))
+
+    def _row(self, coef: dict[int, float], lower: float, upper: float) -> None:
+        self.rows.append(coef)
         self.lower.append(lower)
         self.upper.append(upper)
 
