@@ -36,6 +36,7 @@ VARIANTS: dict[str, dict] = {
     "- shift-negative correction": {"shift_negative_correction": False},
     "- linear & residual collapsing": {"linear_collapsing": False, "residual_collapsing": False},
     "+ second-moment correction": {"weights_second_moment_correction": True},
+    "- second-moment auto (bias correction only)": {"weights_second_moment_correction": False},
     "+ shift-negative param search": {"shift_negative_params_search": True},
     "- z-threshold (inf)": {"z_threshold": math.inf},
     "- ReLU bound to power of two": {"relu_bound_to_power_of_2": False},

@@ -214,13 +214,18 @@ def gptq(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", conf
     The calibration batches are kept in memory: GPTQ trains on them for
     ``config.epochs`` epochs.  With soft rounding the PTQ start skips the bias
     and second-moment corrections (the student starts at the float weights and
-    trains its biases).  Returns the quantized GraphModule; the run's
-    losses and timings are in ``qmodel.meta["mct_fx.gptq"]`` (:class:`GPTQReport`).
+    trains its biases); otherwise it has bias correction, and second-moment
+    correction only if ``quant_config`` sets it to ``True`` (not ``"auto"``: GPTQ
+    was tuned and measured from the bias-corrected start).  Returns the quantized
+    GraphModule; the run's losses and timings are in ``qmodel.meta["mct_fx.gptq"]``
+    (:class:`GPTQReport`).
     """
     config = config or GPTQConfig()
     quant_config = quant_config or QuantConfig()
     if config.rounding is Rounding.SOFT:  # soft rounding starts at the float weight: PTQ's corrections would not fit
         quant_config = replace(quant_config, weights_bias_correction=False, weights_second_moment_correction=False)
+    elif quant_config.weights_second_moment_correction == "auto":
+        quant_config = replace(quant_config, weights_second_moment_correction=False)
     platform = get_tpc(tpc)
     device = model_device(model)
     batches = [to_device(b, device) for b in iter_batches(calib_loader, n_batches)]

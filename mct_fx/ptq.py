@@ -16,7 +16,7 @@ from mct_fx.graph_utils import model_device
 from mct_fx.hessian import Granularity, HessianService
 from mct_fx.mixed_precision.search import MixedPrecisionSearch
 from mct_fx.passes.align_pot import ALIGNMENT_KEY, alignment_factors, apply_alignment
-from mct_fx.passes.bias_correction import add_missing_biases, correct_biases
+from mct_fx.passes.bias_correction import add_missing_biases
 from mct_fx.passes.calibrate import calibrate
 from mct_fx.passes.collapse_linear import collapse_linear_layers
 from mct_fx.passes.collapse_residual import collapse_residuals
@@ -28,9 +28,9 @@ from mct_fx.passes.insert_quantizers import insert_quantizers
 from mct_fx.passes.layer_inputs import observe_layer_inputs, quantized_layers, remove_observers
 from mct_fx.passes.overrides import apply_overrides
 from mct_fx.passes.relu_bound import bound_relus_to_power_of_two
-from mct_fx.passes.second_moment import correct_second_moments
 from mct_fx.passes.softmax_shift import shift_softmax_inputs
 from mct_fx.passes.unify_concat import unify_concat_grids
+from mct_fx.passes.weight_correction import correct_weight_errors, has_low_bit_kernels
 from mct_fx.quant_summary import QuantSummary, summarize
 from mct_fx.quantizers.modules import quantizers_off
 from mct_fx.quantizers.search import ErrorMethod
@@ -45,6 +45,7 @@ __all__ = ["prepare", "quantize", "SUMMARY_KEY"]
 
 log = logging.getLogger("mct_fx")
 SUMMARY_KEY = "mct_fx.summary"
+CORRECTION_KEY = "mct_fx.weight_correction"  # which weight-error correction the model kept
 SECOND_MOMENT_BATCHES = 4  # calibration batches the second-moment correction measures on
 HMSE_IMAGES = 32  # calibration images the Hessian of the HMSE error method is estimated on
 SIMILARITY_BATCHES = 2  # calibration batches the TensorBoard per-layer similarity is measured on
@@ -113,12 +114,15 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     gm = prepare(model, example, platform, config, leaf_modules=leaf_modules, concrete_args=concrete_args,
                  inplace=inplace)
     search = MixedPrecisionSearch(gm, target, config) if target is not None else None  # fails early on a bad budget
-    bias_correction = config.weights_bias_correction and not config.weights_second_moment_correction
+    second_moments = config.weights_second_moment_correction
+    bias_correction = config.weights_bias_correction and second_moments is not True
     observers = observe_layer_inputs(gm) if bias_correction else {}
     total = n_batches or loader_length(calib_loader)
     retained: list = []  # the first batches: for the second-moment pass and the mixed-precision sensitivities
     stream = itertools.chain([first], batches)
-    keep_batches = SECOND_MOMENT_BATCHES if config.weights_second_moment_correction else 0
+    if second_moments == "auto":  # it only acts below 8 bits (where the search may also put layers)
+        second_moments = search is not None or has_low_bit_kernels(gm)
+    keep_batches = SECOND_MOMENT_BATCHES if second_moments else 0
     if config.log_dir is not None:
         keep_batches = max(keep_batches, SIMILARITY_BATCHES)
     keep_images = config.mixed_precision.n_images if search is not None else 0
@@ -155,10 +159,8 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
         log.info("%s", mixed)
     if config.concat_threshold_update:
         unify_concat_grids(gm)
-    if config.weights_second_moment_correction:  # matches each layer's output mean too: replaces bias correction
-        correct_second_moments(gm, retained[:SECOND_MOMENT_BATCHES])
-    elif input_means:
-        correct_biases(gm, input_means, config.weights_error_method, config.lp_norm)
+    kept = [to_device(b, device) for b in retained[:SECOND_MOMENT_BATCHES]] if second_moments else []
+    gm.meta[CORRECTION_KEY] = correct_weight_errors(gm, kept, input_means, config)
     summary = summarize(gm, mixed)
     gm.meta[SUMMARY_KEY] = summary
     gm.meta[CONFIG_KEY] = config  # mct_fx.compare prepares the float model the same way

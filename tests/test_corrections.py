@@ -169,7 +169,8 @@ def test_concat_inputs_share_the_concat_grid():
     assert torch.equal(out_q(both), both)  # the concat's own quantizer is now an identity
 
 
-@pytest.mark.parametrize("field,value", [("z_threshold", 0.0), ("shift_negative_ratio", 1.5)])
+@pytest.mark.parametrize("field,value", [("z_threshold", 0.0), ("shift_negative_ratio", 1.5),
+                                         ("weights_second_moment_correction", "yes")])
 def test_bad_config_values_are_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         mct_fx.QuantConfig(**{field: value})
@@ -189,8 +190,8 @@ def test_bias_correction_helps_at_4_bit_weights():
     """The trained demo CNN at W4A8: cancelling the mean shift of the 4-bit kernels recovers SQNR."""
     model, calib, test = _demo()
     w4 = with_bits(get_tpc("imx500"), weights=4)
-    on = _quantized_sqnr(model, calib, test, w4)
-    off = _quantized_sqnr(model, calib, test, w4, weights_bias_correction=False)
+    on = _quantized_sqnr(model, calib, test, w4, weights_second_moment_correction=False)
+    off = _quantized_sqnr(model, calib, test, w4, weights_bias_correction=False, weights_second_moment_correction=False)
     assert on > off + 0.4, (on, off)
 
 
@@ -267,7 +268,8 @@ def test_second_moment_correction_matches_output_statistics():
         yf = model.bn3(model.conv3(h))
         yq = F.conv2d(h, qmodel.conv3_weight_quant(qmodel.conv3.weight), qmodel.conv3.bias, 1, 1)
         plain = mct_fx.quantize(model, calib, with_bits(get_tpc("imx500"), weights=4),
-                                mct_fx.QuantConfig(power_of_two_alignment=False), verbose=False)
+                                mct_fx.QuantConfig(weights_second_moment_correction=False,
+                                                   power_of_two_alignment=False), verbose=False)
         yp = F.conv2d(h, plain.conv3_weight_quant(plain.conv3.weight), plain.conv3.bias, 1, 1)
     std_f, std_q, std_p = (y.std((0, 2, 3)) for y in (yf, yq, yp))
     assert torch.allclose(yq.mean((0, 2, 3)), yf.mean((0, 2, 3)), atol=1e-4)
@@ -279,8 +281,56 @@ def test_second_moment_correction_beats_bias_correction_at_4_bits():
     model, calib, test = _demo()
     w4 = with_bits(get_tpc("imx500"), weights=4)
     smc = _quantized_sqnr(model, calib, test, w4, weights_second_moment_correction=True)
-    bc = _quantized_sqnr(model, calib, test, w4)
+    bc = _quantized_sqnr(model, calib, test, w4, weights_second_moment_correction=False)
     assert smc > bc + 1.0, (smc, bc)
+
+
+def _calibration_error(model, qmodel, batches):
+    x = torch.cat(batches)[:32]  # auto compares on the first 32 retained images
+    with torch.no_grad():
+        return float((qmodel(x) - model(x)).double().square().sum())
+
+
+@pytest.mark.parametrize("case", ["demo", "random regnet_x_400mf"])
+def test_auto_keeps_the_correction_nearer_the_float_outputs(case):
+    """``auto`` below 8 bits: the model is the bias- or the second-moment-corrected one, whichever is nearer
+    the float outputs on the first 32 calibration images."""
+    if case == "demo":
+        model, calib, _ = _demo()
+        expected = "second-moment"  # the trained demo CNN at W4: variance matching wins (test above)
+    else:
+        torch.manual_seed(0)
+        model = torchvision.models.regnet_x_400mf(weights=None)
+        zoo.reestimate_bn(model, 32)
+        model.eval()
+        calib = [zoo.images(8, 32, seed=s) for s in range(4)]
+        expected = "bias"  # a random-weight network: matching the variance does not pay here
+    w4 = with_bits(get_tpc("imx500"), weights=4)
+    models = {mode: mct_fx.quantize(model, calib, w4, mct_fx.QuantConfig(weights_second_moment_correction=mode),
+                                    verbose=False) for mode in (True, False, "auto")}
+    errors = {"second-moment": _calibration_error(model, models[True], calib),
+              "bias": _calibration_error(model, models[False], calib)}
+    kept = models["auto"].meta["mct_fx.weight_correction"]
+    assert kept == min(errors, key=errors.get) == expected, errors
+    twin = models[True] if kept == "second-moment" else models[False]
+    with torch.no_grad():
+        for b in calib:
+            assert torch.equal(models["auto"](b), twin(b))
+    fresh = mct_fx.prepare(model, calib[0], w4)
+    fresh.load_state_dict(models["auto"].state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(calib[0]), models["auto"](calib[0]))
+
+
+def test_auto_leaves_8_bit_models_alone():
+    model, calib, test = _demo()
+    auto = mct_fx.quantize(model, calib, "imx500", verbose=False)
+    plain = mct_fx.quantize(model, calib, "imx500", mct_fx.QuantConfig(weights_second_moment_correction=False),
+                            verbose=False)
+    assert auto.meta["mct_fx.weight_correction"] == "bias"
+    with torch.no_grad():
+        for b in test:
+            assert torch.equal(auto(b), plain(b))
 
 
 ALL_ON = dict(relu_bound_to_power_of_2=True, activation_channel_equalization=True, z_threshold=12.0,
