@@ -114,15 +114,15 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     gm = prepare(model, example, platform, config, leaf_modules=leaf_modules, concrete_args=concrete_args,
                  inplace=inplace)
     search = MixedPrecisionSearch(gm, target, config) if target is not None else None  # fails early on a bad budget
-    second_moments = config.weights_second_moment_correction
-    bias_correction = config.weights_bias_correction and second_moments is not True
+    moments = config.weights_second_moment_correction
+    bias_correction = config.weights_bias_correction and moments is not True
     observers = observe_layer_inputs(gm) if bias_correction else {}
     total = n_batches or loader_length(calib_loader)
     retained: list = []  # the first batches: for the second-moment pass and the mixed-precision sensitivities
     stream = itertools.chain([first], batches)
-    if second_moments == "auto":  # it only acts below 8 bits (where the search may also put layers)
-        second_moments = search is not None or has_low_bit_kernels(gm)
-    keep_batches = SECOND_MOMENT_BATCHES if second_moments else 0
+    # "auto" only acts below 8 bits (where the search may also put layers)
+    moment_batches = moments is True or (moments == "auto" and (search is not None or has_low_bit_kernels(gm)))
+    keep_batches = SECOND_MOMENT_BATCHES if moment_batches else 0
     if config.log_dir is not None:
         keep_batches = max(keep_batches, SIMILARITY_BATCHES)
     keep_images = config.mixed_precision.n_images if search is not None else 0
@@ -159,7 +159,7 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
         log.info("%s", mixed)
     if config.concat_threshold_update:
         unify_concat_grids(gm)
-    kept = [to_device(b, device) for b in retained[:SECOND_MOMENT_BATCHES]] if second_moments else []
+    kept = [to_device(b, device) for b in retained[:SECOND_MOMENT_BATCHES]] if moment_batches else []
     gm.meta[CORRECTION_KEY] = correct_weight_errors(gm, kept, input_means, config)
     summary = summarize(gm, mixed)
     gm.meta[SUMMARY_KEY] = summary

@@ -104,16 +104,19 @@ def _integer_program(costs, entries, sensitivity, target) -> list[int]:
 _Linear = tuple[dict[int, float], float]  # coefficients by variable, constant
 
 
-def _add(coef: dict[int, float], where: slice, values: np.ndarray) -> None:
-    for k, v in enumerate(values.tolist(), start=where.start):
+def _accumulate(coef: dict[int, float], items) -> dict[int, float]:
+    """Add ``(variable, coefficient)`` pairs into ``coef``."""
+    for k, v in items:
         coef[k] = coef.get(k, 0.0) + v
+    return coef
+
+
+def _add(coef: dict[int, float], where: slice, values: np.ndarray) -> None:
+    _accumulate(coef, enumerate(values.tolist(), start=where.start))
 
 
 def _plus(a: _Linear, b: _Linear) -> _Linear:
-    coef = dict(a[0])
-    for k, v in b[0].items():
-        coef[k] = coef.get(k, 0.0) + v
-    return coef, a[1] + b[1]
+    return _accumulate(dict(a[0]), b[0].items()), a[1] + b[1]
 
 
 class _Program:
