@@ -72,7 +72,9 @@ class QuantConfig:
     and variance (measured on the first calibration batches) instead of only the
     mean; ``"auto"`` (default): when a kernel has fewer than 8 bits, apply each of
     the two corrections and keep the one whose outputs on those batches are nearer
-    the float model's (see :mod:`mct_fx.passes.weight_correction`); ``shift_negative_params_search``
+    the float model's (see :mod:`mct_fx.passes.weight_correction`; mixed precision measures
+    its candidates under the correction the result is expected to keep, see
+    :mod:`mct_fx.mixed_precision.corrections`); ``shift_negative_params_search``
     searches that grid's threshold and shift together instead of keeping the
     signed search's threshold.
 

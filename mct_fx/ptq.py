@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from mct_fx.config import CONFIG_KEY, QuantConfig
 from mct_fx.data import CalibrationError, batch_size, iter_batches, loader_length, split_batch, take_images, to_device
 from mct_fx.graph_utils import model_device
 from mct_fx.hessian import Granularity, HessianService
-from mct_fx.mixed_precision.search import MixedPrecisionSearch
+from mct_fx.mixed_precision.corrections import expected_correction
+from mct_fx.mixed_precision.search import MixedPrecisionResult, MixedPrecisionSearch
 from mct_fx.passes.align_pot import ALIGNMENT_KEY, alignment_factors, apply_alignment
 from mct_fx.passes.bias_correction import add_missing_biases
 from mct_fx.passes.calibrate import calibrate
@@ -30,7 +32,7 @@ from mct_fx.passes.overrides import apply_overrides
 from mct_fx.passes.relu_bound import bound_relus_to_power_of_two
 from mct_fx.passes.softmax_shift import shift_softmax_inputs
 from mct_fx.passes.unify_concat import unify_concat_grids
-from mct_fx.passes.weight_correction import correct_weight_errors, has_low_bit_kernels
+from mct_fx.passes.weight_correction import BIAS, correct_weight_errors, has_low_bit_kernels, snapshot
 from mct_fx.quant_summary import QuantSummary, summarize
 from mct_fx.quantizers.modules import quantizers_off
 from mct_fx.quantizers.search import ErrorMethod
@@ -152,15 +154,13 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
             service = HessianService.from_model_inputs(gm, take_images(retained, HMSE_IMAGES))
             importance = service.weights(hmse_layers, Granularity.PER_ELEMENT)
     freeze_quantizers(gm, config, importance)
-    mixed = None
-    if search is not None:
-        images = [to_device(b, device) for b in take_images(retained, config.mixed_precision.n_images)]
-        mixed = search.run(images, input_means, verbose=verbose, importance=importance)
-        log.info("%s", mixed)
-    if config.concat_threshold_update:
-        unify_concat_grids(gm)
     kept = [to_device(b, device) for b in retained[:SECOND_MOMENT_BATCHES]] if moment_batches else []
-    gm.meta[CORRECTION_KEY] = correct_weight_errors(gm, kept, input_means, config)
+    mixed = None
+    if search is None:
+        gm.meta[CORRECTION_KEY] = _finish(gm, kept, input_means, config)
+    else:
+        images = [to_device(b, device) for b in take_images(retained, config.mixed_precision.n_images)]
+        mixed, gm.meta[CORRECTION_KEY] = _search(gm, search, images, kept, input_means, config, verbose, importance)
     summary = summarize(gm, mixed)
     gm.meta[SUMMARY_KEY] = summary
     gm.meta[CONFIG_KEY] = config  # mct_fx.compare prepares the float model the same way
@@ -168,6 +168,35 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
         _log_result(board, model, gm, retained[:SIMILARITY_BATCHES], mixed, inplace)
     log.info("quantized with %s on %d calibration batches\n%s", gm.meta["mct_fx.tpc"], n, summary)
     return gm
+
+
+def _finish(gm: fx.GraphModule, kept: list, input_means: dict[str, Tensor], config: QuantConfig) -> str:
+    """Concat grids (when asked) and the weight-error correction; returns the correction kept."""
+    if config.concat_threshold_update:
+        unify_concat_grids(gm)
+    return correct_weight_errors(gm, kept, input_means, config)
+
+
+def _search(gm: fx.GraphModule, search: MixedPrecisionSearch, images: list, kept: list,
+            input_means: dict[str, Tensor], config: QuantConfig, verbose: bool,
+            importance: dict[str, Tensor] | None) -> tuple[MixedPrecisionResult, str]:
+    """Mixed precision measured under the correction the result is expected to keep; when the result keeps
+    another one (``"auto"`` found bias correction nearer), the search runs again under that one."""
+    expected = expected_correction(config, search.entries)
+    seconds = 0.0
+    while True:
+        mixed = search.run(images, input_means, expected, verbose=verbose, importance=importance)
+        seconds += mixed.seconds
+        log.info("%s", mixed)
+        before = snapshot(gm)
+        correction = _finish(gm, kept, input_means, config)
+        if correction == expected or expected == BIAS:
+            return dataclasses.replace(mixed, seconds=seconds), correction
+        log.info("mixed precision: the result keeps %s correction, not %s; searching again under it", correction,
+                 expected)
+        gm.load_state_dict(before)
+        search.undo()
+        expected = BIAS
 
 
 def _log_result(board: TensorBoardLogger, model: nn.Module, gm: fx.GraphModule, batches: list, mixed: Any,

@@ -206,10 +206,9 @@ def test_distance_weightings_each_measure_differently():
     assert len(set(seen)) == len(seen)
 
 
-def test_partial_rerun_equals_a_full_run():
-    """measure() re-runs only what a change reaches; applying the change and measuring gives the same."""
-    from mct_fx.mixed_precision.search import MixedPrecisionSearch, _LayerBiases, _Swap
-    from mct_fx.mixed_precision.sensitivity import SensitivityEvaluator
+def _frozen_stack():
+    """(float model, its calibration batches, the frozen PTQ graph, a search with every candidate frozen)."""
+    from mct_fx.mixed_precision.search import MixedPrecisionSearch
     from mct_fx.passes import calibrate, freeze_quantizers
 
     torch.manual_seed(0)
@@ -221,9 +220,24 @@ def test_partial_rerun_equals_a_full_run():
     search.keep_histograms()
     freeze_quantizers(gm, mct_fx.QuantConfig())
     search._alternatives.build(mct_fx.QuantConfig())
-    evaluator = SensitivityEvaluator(gm, [((torch.cat(calib),), {})], chunk=4)
-    biases = _LayerBiases(gm, {}, mct_fx.QuantConfig())
-    changes = [_Swap(evaluator.probe, biases, e, i) for e in search.entries for i in range(1, len(e.candidates))]
+    return model, calib, gm, search
+
+
+@pytest.mark.parametrize("correction", ["bias", "second-moment"])
+def test_partial_rerun_equals_a_full_run(correction):
+    """measure() re-runs only what a change reaches; applying the change and measuring gives the same,
+    with either weight correction applied per candidate (the second-moment one rescales kernels in place)."""
+    from mct_fx.mixed_precision.corrections import CandidateBiases, CandidateMoments
+    from mct_fx.mixed_precision.search import _Swap
+    from mct_fx.mixed_precision.sensitivity import SensitivityEvaluator
+
+    _, calib, gm, search = _frozen_stack()
+    images = [((torch.cat(calib),), {})]
+    evaluator = SensitivityEvaluator(gm, images, chunk=4)
+    params = {k: v.clone() for k, v in gm.state_dict().items() if isinstance(v, torch.Tensor)}
+    fix = (CandidateBiases(gm, {}, mct_fx.QuantConfig()) if correction == "bias"
+           else CandidateMoments(gm, search.entries, images))
+    changes = [_Swap(evaluator.probe, fix, e, i) for e in search.entries for i in range(1, len(e.candidates))]
     partial = evaluator.measure(changes)
     for change, expected in zip(changes, partial[1:], strict=True):
         change.apply()
@@ -234,6 +248,82 @@ def test_partial_rerun_equals_a_full_run():
         assert full == pytest.approx(expected, rel=1e-6)
     assert evaluator.measure()[0] == pytest.approx(partial[0], rel=1e-9)
     assert len(set(partial)) == len(partial)  # every candidate moved the distance
+    fix.restore()
+    for k, v in params.items():
+        assert torch.equal(gm.state_dict()[k], v), k
+
+
+def test_second_moment_candidates_get_the_float_output_moments():
+    """Each grid of a layer, base or candidate, gives its output the float per-channel mean and variance on the
+    images measured (inputs float); restore() puts every kernel, bias and grid back."""
+    from mct_fx.mixed_precision.corrections import CandidateMoments
+
+    model, calib, gm, search = _frozen_stack()
+    params = {k: v.clone() for k, v in gm.state_dict().items() if isinstance(v, torch.Tensor)}
+    x = torch.cat(calib)
+    entry = next(e for e in search.entries if e.node == "c1")
+    reference = nn.functional.conv2d(x, model.c1.weight, model.c1.bias, padding=1)
+    fix = CandidateMoments(gm, search.entries, [((x,), {})])
+    grids = {0: gm.c1_weight_quant} | {i: entry.quantizers[i]["weight"] for i in range(1, len(entry.candidates))}
+    assert sorted(q.n_bits for q in grids.values()) == [2, 4, 8]
+    for index, q in grids.items():
+        fix.use_candidate(entry, index) if index else fix.use_base(entry)
+        with torch.no_grad():
+            y = nn.functional.conv2d(x, q(gm.c1.weight), gm.c1.bias, padding=1)
+        r = torch.sqrt(reference.var((0, 2, 3), unbiased=False) / y.var((0, 2, 3), unbiased=False))
+        torch.testing.assert_close(y.mean((0, 2, 3)), reference.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r, torch.ones_like(r), rtol=1e-4, atol=0)
+        fix.use_base(entry)
+    fix.restore()
+    for k, v in params.items():
+        assert torch.equal(gm.state_dict()[k], v), k
+
+
+def test_search_runs_again_when_the_result_keeps_bias_correction(monkeypatch):
+    """``auto`` measures candidates under second-moment correction; if the chosen model then keeps bias
+    correction, the first choice is undone and the search runs under bias correction: the result is bit for
+    bit the model that ``weights_second_moment_correction=False`` gives."""
+    import dataclasses
+
+    import torchvision
+
+    from mct_fx import ptq
+    from mct_fx.mixed_precision.search import MixedPrecisionSearch
+
+    torch.manual_seed(0)
+    model = torchvision.models.regnet_x_400mf(weights=None)
+    zoo.reestimate_bn(model, 32)
+    model.eval()
+    calib = [zoo.images(8, 32, seed=s) for s in range(4)]
+    gm = mct_fx.prepare(model, calib[0])
+    costs, entries = CostModel(gm), configurable_nodes(gm)
+    target = ResourceUtilization(weights_memory=_fraction(costs, entries, "weights_memory", 0.3))
+    config = mct_fx.QuantConfig(mixed_precision=mct_fx.MixedPrecisionConfig(n_images=16))
+    bias_only = dataclasses.replace(config, weights_second_moment_correction=False)
+    direct = mct_fx.quantize(model, calib, "imx500", bias_only, target=target, verbose=False)
+
+    real_correct, real_run = ptq.correct_weight_errors, MixedPrecisionSearch.run
+    corrections, searches = [], []
+
+    def bias_wins(gm, batches, input_means, config):
+        corrections.append(config.weights_second_moment_correction)
+        return real_correct(gm, batches, input_means, bias_only)
+
+    def run(self, images, input_means, correction, **kwargs):
+        result = real_run(self, images, input_means, correction, **kwargs)
+        searches.append((correction, result.bits))
+        return result
+
+    monkeypatch.setattr(ptq, "correct_weight_errors", bias_wins)
+    monkeypatch.setattr(MixedPrecisionSearch, "run", run)
+    retried = mct_fx.quantize(model, calib, "imx500", config, target=target, verbose=False)
+    assert [c for c, _ in searches] == ["second-moment", "bias"] and corrections == ["auto", "auto"]
+    assert searches[0][1] != searches[1][1]  # the first search chose other bits: undo() had something to undo
+    assert searches[1][1] == mct_fx.summary(direct).mixed_precision.bits
+    assert retried.meta["mct_fx.weight_correction"] == direct.meta["mct_fx.weight_correction"] == "bias"
+    x = torch.cat(calib)
+    with torch.no_grad():
+        assert torch.equal(retried(x), direct(x))
 
 
 def _mixed_vs_uniform_four_bit(model, calib, evaluate):

@@ -7,8 +7,9 @@ Used by :func:`mct_fx.quantize` when it is given a ``target``:
 2. after calibration, before freezing: keep the activation histograms
    (:meth:`keep_histograms`);
 3. after freezing at the target's base configuration: freeze every candidate's
-   quantizers, measure sensitivities (bias-corrected per candidate when bias
-   correction is on), solve, and put the chosen quantizers into the graph.
+   quantizers, measure sensitivities (each candidate corrected for its weight
+   error as PTQ will correct it, :mod:`.corrections`), solve, and put the chosen
+   quantizers into the graph.
 """
 
 from __future__ import annotations
@@ -17,20 +18,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
 from mct_fx.config import QuantConfig
 from mct_fx.data import ModelInputs
-from mct_fx.graph_utils import attr_value, param_source
 from mct_fx.hessian import HessianService, normalized_traces
 from mct_fx.mixed_precision.candidates import AlternativeQuantizers, Configurable, configurable_nodes, swap
 from mct_fx.mixed_precision.config import DistanceWeighting
+from mct_fx.mixed_precision.corrections import CandidateCorrection, candidate_correction
 from mct_fx.mixed_precision.sensitivity import SensitivityEvaluator, interest_points
 from mct_fx.mixed_precision.solver import check_feasible, solve
-from mct_fx.passes.bias_correction import correct_biases, output_shift
-from mct_fx.passes.layer_inputs import quantized_layers
 from mct_fx.quantizers.modules import quantizers_off
 from mct_fx.resources import CostModel, ResourceUtilization, activation_bits, weight_bits
 from mct_fx.tpc.matching import annotation
@@ -70,22 +68,31 @@ class MixedPrecisionSearch:
         self.costs = CostModel(gm)
         check_feasible(self.costs, self.entries, target)
         self._alternatives: AlternativeQuantizers | None = None
+        self._built = False
+        self._chosen: list[tuple[Configurable, dict, object]] = []  # what run() replaced, for undo()
 
     def keep_histograms(self) -> None:
         self._alternatives = AlternativeQuantizers(self.gm, self.entries)
 
-    def run(self, images: Sequence[ModelInputs], input_means: dict[str, Tensor], verbose: bool = True,
-            importance: dict[str, Tensor] | None = None) -> MixedPrecisionResult:
+    def run(self, images: Sequence[ModelInputs], input_means: dict[str, Tensor], correction: str,
+            verbose: bool = True, importance: dict[str, Tensor] | None = None) -> MixedPrecisionResult:
+        """Measure, solve and put the chosen quantizers into the graph; each candidate is measured with
+        ``correction`` (``"bias"`` or ``"second-moment"``, see :mod:`.corrections`) applied to its layer."""
         if self._alternatives is None:
             raise RuntimeError("keep_histograms() must run before the quantizers are frozen")
+        if self._chosen:
+            raise RuntimeError("undo() the previous choice before searching again")
         start = time.perf_counter()
-        self._alternatives.build(self.config, importance)
-        sensitivity = self._sensitivities(images, input_means, verbose) if self.entries else []
+        if not self._built:
+            self._alternatives.build(self.config, importance)
+            self._built = True
+        sensitivity = self._sensitivities(images, input_means, correction, verbose) if self.entries else []
         choice = solve(self.costs, self.entries, sensitivity, self.target, self.config.mixed_precision.refine)
         nodes = {n.name: n for n in self.gm.graph.nodes}
         for entry, index in zip(self.entries, choice, strict=True):
-            swap(self.gm, entry, index)
-            annotation(nodes[entry.node]).config = entry.candidates[index]
+            note = annotation(nodes[entry.node])
+            self._chosen.append((entry, swap(self.gm, entry, index), note.config))
+            note.config = entry.candidates[index]
         utilization = self.costs.evaluate()
         over = utilization.exceeds(self.target)
         if over:  # pragma: no cover - the integer program's constraints are the same sums
@@ -97,7 +104,16 @@ class MixedPrecisionSearch:
                                                                                      strict=True)},
             time.perf_counter() - start)
 
-    def _sensitivities(self, images: Sequence[ModelInputs], input_means: dict[str, Tensor],
+    def undo(self) -> None:
+        """Put the base quantizers and configurations back (the graph as before :meth:`run` chose)."""
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        for entry, replaced, config in reversed(self._chosen):
+            for name, module in replaced.items():
+                setattr(self.gm, name, module)
+            annotation(nodes[entry.node]).config = config
+        self._chosen.clear()
+
+    def _sensitivities(self, images: Sequence[ModelInputs], input_means: dict[str, Tensor], correction: str,
                        verbose: bool) -> list[list[float]]:
         mp = self.config.mixed_precision
         weights = None
@@ -106,14 +122,15 @@ class MixedPrecisionSearch:
                 service = HessianService.from_model_inputs(self.gm, images, mp.hessian)
                 weights = normalized_traces(service.activations([p.name for p in interest_points(self.gm)]))
         evaluator = SensitivityEvaluator(self.gm, images, mp.distance_weighting, mp.output_distance, weights)
-        biases = _LayerBiases(self.gm, input_means, self.config)
+        fix = candidate_correction(correction, self.gm, self.entries, images, input_means, self.config)
         try:
-            changes = [_Swap(evaluator.probe, biases, e, i) for e in self.entries for i in range(1, len(e.candidates))]
+            changes = [_Swap(evaluator.probe, fix, e, i)
+                       for e in self.entries for i in range(1, len(e.candidates))]
             with tqdm(total=len(changes) * len(evaluator.images), desc="mixed precision", disable=not verbose,
                       leave=False) as bar:
                 distances = evaluator.measure(changes, bar.update)
         finally:
-            biases.restore()
+            fix.restore()
         base, rows, k = distances[0], [], 1
         for entry in self.entries:
             row = [base]
@@ -130,67 +147,21 @@ class MixedPrecisionSearch:
 class _Swap:
     """Candidate ``index`` of ``entry`` as a change the evaluator can apply and revert."""
 
-    def __init__(self, probe: fx.GraphModule, biases: _LayerBiases, entry: Configurable, index: int):
-        self.probe, self.biases, self.entry, self.index = probe, biases, entry, index
+    def __init__(self, probe: fx.GraphModule, correction: CandidateCorrection, entry: Configurable, index: int):
+        self.probe, self.correction, self.entry, self.index = probe, correction, entry, index
         self.starts = tuple(f"{entry.node}_{kind}_quant" for kind in entry.quantizers.get(index, {}))
         self._replaced: dict = {}
 
     def apply(self) -> None:
         self._replaced = swap(self.probe, self.entry, self.index)
-        self.biases.use_candidate(self.entry, self.index)
+        self.correction.use_candidate(self.entry, self.index)
 
     def revert(self) -> None:
         for name, module in self._replaced.items():
             setattr(self.probe, name, module)
-        self.biases.use_base(self.entry)
+        self.correction.use_base(self.entry)
 
 
 def _fewer_bits(entry: Configurable, index: int) -> bool:
     base, cand = entry.candidates[0], entry.candidates[index]
     return weight_bits(cand) <= weight_bits(base) and activation_bits(cand) <= activation_bits(base)
-
-
-class _LayerBiases:
-    """Bias correction while candidates are measured: each layer's bias as its own weights' grid needs it.
-
-    The graph's biases are corrected for the base grids while sensitivities are
-    measured; a candidate's layer gets the bias for its candidate grid.  ``restore``
-    puts the uncorrected biases back (PTQ corrects the final model afterwards).
-    """
-
-    def __init__(self, gm: fx.GraphModule, input_means: dict[str, Tensor], config: QuantConfig):
-        self.gm, self.means = gm, input_means
-        self.layers = {layer.name: (layer, qnode) for layer, qnode, _ in quantized_layers(gm)}
-        self.original = {name: b.detach().clone() for name, b in self._biases().items()}
-        if input_means:
-            correct_biases(gm, input_means, config.weights_error_method, config.lp_norm)
-        self.base = {name: b.detach().clone() for name, b in self._biases().items()}
-
-    def _bias(self, name: str) -> Tensor | None:
-        layer, _ = self.layers[name]
-        return attr_value(self.gm, param_source(layer.args[2])) if len(layer.args) > 2 else None
-
-    def _biases(self) -> dict[str, Tensor]:
-        return {name: b for name in self.layers if (b := self._bias(name)) is not None}
-
-    def use_candidate(self, entry: Configurable, index: int) -> None:
-        q = entry.quantizers.get(index, {}).get("weight")
-        bias, mean = self._bias(entry.node) if entry.node in self.layers else None, self.means.get(entry.node)
-        if q is None or bias is None or mean is None:
-            return
-        layer, qnode = self.layers[entry.node]
-        weight = attr_value(self.gm, qnode.args[0])
-        with torch.no_grad():
-            delta = (q(weight) - weight).double()
-            bias.copy_(self.original[entry.node] - output_shift(layer, delta, mean.double()).to(bias.dtype))
-
-    def use_base(self, entry: Configurable) -> None:
-        bias = self._bias(entry.node) if entry.node in self.layers else None
-        if bias is not None:
-            with torch.no_grad():
-                bias.copy_(self.base[entry.node])
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for name, bias in self._biases().items():
-                bias.copy_(self.original[name])

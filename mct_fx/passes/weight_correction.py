@@ -27,7 +27,7 @@ from mct_fx.passes.layer_inputs import quantized_layers
 from mct_fx.passes.second_moment import correct_second_moments
 from mct_fx.quantizers.modules import quantizers_off
 
-__all__ = ["correct_weight_errors", "has_low_bit_kernels", "BIAS", "SECOND_MOMENT", "NONE"]
+__all__ = ["correct_weight_errors", "has_low_bit_kernels", "snapshot", "BIAS", "SECOND_MOMENT", "NONE"]
 
 BIAS, SECOND_MOMENT, NONE = "bias", "second-moment", "none"
 COMPARE_IMAGES = 32  # the two corrected models are compared on this many of the retained images
@@ -67,10 +67,10 @@ def _keep_nearer(gm: fx.GraphModule, batches: Sequence[tuple[tuple, dict]], inpu
     probe = take_images(list(batches), COMPARE_IMAGES)
     with torch.no_grad(), quantizers_off(gm):
         reference = [_outputs(gm, b) for b in probe]
-    start = _snapshot(gm)
+    start = snapshot(gm)
     correct_second_moments(gm, batches)
     error = _error(gm, probe, reference)
-    moments = _snapshot(gm)
+    moments = snapshot(gm)
     gm.load_state_dict(start)
     kept = _correct_biases(gm, input_means, config)
     if error < _error(gm, probe, reference):
@@ -79,7 +79,8 @@ def _keep_nearer(gm: fx.GraphModule, batches: Sequence[tuple[tuple, dict]], inpu
     return kept
 
 
-def _snapshot(gm: fx.GraphModule) -> dict:
+def snapshot(gm: fx.GraphModule) -> dict:
+    """A copy of ``gm``'s state, for ``load_state_dict`` to undo changes to parameters and grids."""
     return {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in gm.state_dict().items()}
 
 
