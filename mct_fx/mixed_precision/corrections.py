@@ -8,8 +8,11 @@ that remain after correction.  That matters below 8 bits: a 2-bit kernel that
 mostly shrinks a layer's output (a gain error) looks expensive uncorrected and
 cheap after second-moment correction.
 
-Both classes change the graph's parameters in place (the sensitivity probe shares
-them) and put the original values back in :meth:`restore`.
+Which one: :func:`expected_correction`; if the chosen model then keeps the other
+("auto" compares both on the calibration images), PTQ undoes the choice and
+searches again under that one.  Both classes change the graph's parameters in
+place (the sensitivity probe shares them) and put the original values back in
+:meth:`restore`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ __all__ = ["CandidateCorrection", "CandidateBiases", "CandidateMoments", "candid
 
 
 class CandidateCorrection(Protocol):
+    """Sets a layer's correction for the grid the sensitivity evaluator is about to measure."""
+
     def use_candidate(self, entry: Configurable, index: int) -> None: ...
 
     def use_base(self, entry: Configurable) -> None: ...
