@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mct_fx.config import QuantConfig
 from mct_fx.data import ModelInputs, batch_size, iter_batches, rebatch, to_device
-from mct_fx.graph_utils import attr_value, model_device, param_source, quantizer_nodes, replace_module, with_outputs
+from mct_fx.graph_utils import attr_value, layer_bias, model_device, quantizer_nodes, replace_module, with_outputs
 from mct_fx.hessian import Granularity, HessianConfig, HessianService
 from mct_fx.passes.align_pot import ALIGNMENT_KEY, apply_alignment
 from mct_fx.passes.layer_inputs import quantized_layers
@@ -165,7 +165,7 @@ class Trainables:
             rounding = cls(q, weight, learn_scale).to(weight.device)
             self.roundings[qnode.target] = (rounding, replace_module(gm, qnode.target, rounding), weight)
             self.layers.append(layer.name)
-            bias = attr_value(gm, param_source(layer.args[2])) if len(layer.args) > 2 else None
+            bias = layer_bias(gm, layer)
             if config.train_bias and isinstance(bias, nn.Parameter) and all(bias is not b for b in self.biases):
                 bias.requires_grad_(True)
                 self.biases.append(bias)

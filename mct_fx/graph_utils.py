@@ -74,6 +74,11 @@ def param_source(node: object) -> object:
     return node
 
 
+def layer_bias(gm: fx.GraphModule, layer: fx.Node) -> torch.Tensor | None:
+    """The bias tensor of a functional conv/linear ``layer`` (read through its quantizer), or None."""
+    return attr_value(gm, param_source(layer.args[2])) if len(layer.args) > 2 else None
+
+
 def set_layer_bias(gm: fx.GraphModule, layer: fx.Node, value: torch.Tensor) -> None:
     """Set the bias of a functional conv/linear ``layer``, creating the parameter when it has none.
 

@@ -25,7 +25,7 @@ from torch import Tensor, fx
 
 from mct_fx.config import QuantConfig
 from mct_fx.data import ModelInputs
-from mct_fx.graph_utils import attr_value, param_source
+from mct_fx.graph_utils import attr_value, layer_bias
 from mct_fx.mixed_precision.candidates import Configurable
 from mct_fx.passes.bias_correction import correct_biases, output_shift
 from mct_fx.passes.layer_inputs import quantized_layers
@@ -68,10 +68,6 @@ def candidate_correction(kind: str, gm: fx.GraphModule, entries: Sequence[Config
     raise ValueError(f"correction: expected {SECOND_MOMENT!r} or {BIAS!r}, got {kind!r}")
 
 
-def _bias(gm: fx.GraphModule, layer: fx.Node) -> Tensor | None:
-    return attr_value(gm, param_source(layer.args[2])) if len(layer.args) > 2 else None
-
-
 class CandidateBiases:
     """Bias correction: each layer's bias as its own weights' grid needs it (from its input's mean)."""
 
@@ -84,7 +80,7 @@ class CandidateBiases:
         self.base = {name: b.detach().clone() for name, b in self._biases().items()}
 
     def _bias(self, name: str) -> Tensor | None:
-        return _bias(self.gm, self.layers[name][0])
+        return layer_bias(self.gm, self.layers[name][0])
 
     def _biases(self) -> dict[str, Tensor]:
         return {name: b for name in self.layers if (b := self._bias(name)) is not None}
@@ -115,8 +111,8 @@ class CandidateBiases:
 class _Fix:
     """One layer's second-moment fix per grid: ``index -> (quantizer, its scale, r, bias)``."""
 
-    def __init__(self, layer: fx.Node, weight: Tensor, bias: Tensor):
-        self.layer, self.weight, self.bias = layer, weight, bias
+    def __init__(self, weight: Tensor, bias: Tensor):
+        self.weight, self.bias = weight, bias
         self.weight0, self.bias0 = weight.detach().clone(), bias.detach().clone()
         self.grids: dict[int, tuple[WeightQuantizer, Tensor, Tensor, Tensor]] = {}
 
@@ -150,10 +146,10 @@ class CandidateMoments:
         weights: dict[fx.Node, list[Tensor]] = {}
         grids: dict[fx.Node, list[tuple[int, WeightQuantizer]]] = {}
         for layer, qnode, q in correctable_layers(gm):
-            bias = _bias(gm, layer)
+            bias = layer_bias(gm, layer)
             if bias is None:
                 continue
-            fix = self.fixes[layer.name] = _Fix(layer, attr_value(gm, qnode.args[0]), bias)
+            fix = self.fixes[layer.name] = _Fix(attr_value(gm, qnode.args[0]), bias)
             entry = by_node.get(layer.name)
             others = [(i, entry.quantizers.get(i, {}).get("weight")) for i in range(1, len(entry.candidates))
                       ] if entry is not None else []

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, param_source, set_layer_bias, set_param
+from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, layer_bias, param_source, set_layer_bias, set_param
 from mct_fx.passes.layer_inputs import quantized_layers
 from mct_fx.quantizers.modules import WeightQuantizer, quantizers_off
 
@@ -74,7 +74,7 @@ def output_moments(gm: fx.GraphModule, weights: dict[fx.Node, Sequence[Tensor]],
     the float model's layer inputs (every quantizer off) over ``batches`` of ``(args, kwargs)``."""
     probes: dict[fx.Node, tuple[_OutputMoments, fx.Node]] = {}
     for layer, ws in weights.items():
-        bias = attr_value(gm, param_source(layer.args[2])) if len(layer.args) > 2 else None
+        bias = layer_bias(gm, layer)
         obs = _OutputMoments(layer.target, ws, None if bias is None else bias.detach(), tuple(layer.args[3:]),
                              -1 if layer.target is F.linear else 1)
         name = f"{layer.name}_moments"
@@ -120,7 +120,7 @@ def correct_second_moments(gm: fx.GraphModule, batches: Iterable[tuple[tuple, di
     for layer, (mean, var) in moments.items():
         qnode, q = layers[layer]
         weight = attr_value(gm, qnode.args[0])
-        bias = attr_value(gm, param_source(layer.args[2]))
+        bias = layer_bias(gm, layer)
         r, new_bias = moment_fix(mean[0], var[0], mean[1], var[1], bias)
         shape = (-1,) + (1,) * (weight.dim() - 1)
         set_param(gm, qnode.args[0].target, weight.detach() * r.reshape(shape).to(weight.dtype), weight)
