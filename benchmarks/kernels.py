@@ -13,7 +13,10 @@ reads grad and x, writes grad_x backward; torch's ops also write and read a
 * ``lsq fwd+bwd``: with learnable scale and zero point, against
   ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``.
 
-Each backward starts from ``grad = None`` (no accumulation pass).  On CUDA each size also
+Each backward starts from ``grad = None`` (no accumulation pass).  On CUDA a call's time is
+that of a batch of back-to-back calls between device events, divided by the batch (the GPU's
+throughput; where the host cannot keep up, as for small tensors with a backward, the host's
+time per call shows instead).  On CUDA each size also
 times a device-to-device copy (8 bytes per element: the memory system's practical peak)
 and the ``of copy`` column is mct_fx's GB/s over it.
 """
@@ -37,17 +40,32 @@ BYTES = {  # per element, read + written
 
 
 def _timeit(fn, device: str, min_time: float = 0.3) -> float:
+    """Median seconds per call.  On CUDA: device events around batches of back-to-back calls,
+    so launch and synchronisation latency stay out of the time (the GPU throughput)."""
     fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if device != "cuda":
+        times = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < min_time or len(times) < 3:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    batch = max(2, min(50, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
     times = []
     start = time.perf_counter()
     while time.perf_counter() - start < min_time or len(times) < 3:
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(batch):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3 / batch)
     return statistics.median(times)
 
 

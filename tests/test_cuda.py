@@ -1,8 +1,8 @@
 """The CUDA kernels and the workflows on a GPU (skipped without one; run by benchmarks/device_check.sh).
 
 The hypothesis tests in test_kernel_ops.py draw CUDA too, on tensors of at most a few hundred
-values; these tests add tensors large enough for many blocks, the float4 path and the LSQ
-kernel's cross-block sums, and run each workflow end to end on the GPU."""
+values; these tests add tensors large enough for many blocks, the float4 path and both LSQ
+walks with their cross-block sums, and run each workflow end to end on the GPU."""
 
 from __future__ import annotations
 
@@ -72,6 +72,22 @@ def test_lsq_sums_equal_float64_sums_of_the_same_terms():
     _, rs, rz = kernels.reference_fake_quant_lsq_backward(grad, x, scale, zp, -128, 127, 1)
     torch.testing.assert_close(gs, rs, rtol=1e-9, atol=1e-6)
     torch.testing.assert_close(gz, rz, rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize("inner", [4096, 4097])  # float4 units / scalar units
+def test_lsq_channel_major_walk_matches_the_reference(inner):
+    """Per-channel slabs ([channels, inner] of one outer index) larger than a wave of blocks
+    take the channel-major LSQ walk; the tests above (small slabs) take the memory-order one."""
+    gen = torch.Generator().manual_seed(inner)
+    x = torch.randn(2, 512, inner, generator=gen) * 3
+    grad = torch.randn(x.shape, generator=gen)
+    scale = torch.rand(512, generator=gen) * 0.02 + 0.01
+    zp = torch.randint(-5, 5, (512,), generator=gen).float()
+    gx, gs, gz = torch.ops.mct_fx.fake_quant_lsq_backward(grad.cuda(), x.cuda(), scale.cuda(), zp.cuda(), -128, 127, 1)
+    rx, rs, rz = kernels.reference_fake_quant_lsq_backward(grad, x, scale, zp, -128, 127, 1)
+    _same(gx, rx)
+    torch.testing.assert_close(gs.cpu(), rs, rtol=1e-9, atol=1e-6)
+    torch.testing.assert_close(gz.cpu(), rz, rtol=1e-9, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

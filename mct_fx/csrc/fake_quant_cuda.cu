@@ -6,8 +6,10 @@
 // Elementwise kernels walk memory order, one pass per direction; the channel of
 // element i of the [outer, channels, inner] memory view is (i / inner) % channels.
 // Float32 tensors use 16-byte (float4) loads and stores when aligned.  The LSQ
-// backward reduces the scale / zero-point gradients in the kernel: a block sums its
-// part of one channel in shared memory (double) and adds it atomically.
+// backward reduces the scale / zero-point gradients in the kernel (float64 sums in
+// registers, one block reduction, atomic adds per channel); its grid is one wave of
+// resident blocks, and per-channel tensors whose [channels, inner] slab fits in that wave
+// are walked in memory order with a fixed channel per thread (lsq_slab_kernel).
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -206,8 +208,6 @@ at::Tensor ste_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const 
 
 // ------------------------------------------------------------------------ LSQ
 
-// grid: (blocks, channels).  Block (b, c) covers elements j = b*blockDim + t (grid-stride) of
-// channel c, j in [0, outer * inner): position (j / inner) * channels * inner + c * inner + j % inner.
 // One element of the LSQ backward: returns the STE gradient of x, adds the scale / zero-point terms.
 template <typename A>
 __device__ __forceinline__ A lsq_one(A gi, A xi, A sc, A zc, A lo, A hi, double& acc_s, double& acc_z) {
@@ -217,109 +217,170 @@ __device__ __forceinline__ A lsq_one(A gi, A xi, A sc, A zc, A lo, A hi, double&
   const bool below = q < lo, above = q > hi;
   const bool inside = !(below || above);
   acc_s += static_cast<double>(gi * (inside ? r - v : (below ? lo : hi) - zc));
-  acc_z += inside ? 0.0 : static_cast<double>(-(gi * sc));
+  if (!inside) acc_z -= static_cast<double>(gi * sc);  // the float -> double conversion only where needed
   return inside ? gi : A(0);
 }
 
-__device__ __forceinline__ float4 lsq_four(float4 gv, float4 xv, float sc, float zc, float lo, float hi,
-                                           double& acc_s, double& acc_z) {
-  float4 o;
-  o.x = lsq_one(gv.x, xv.x, sc, zc, lo, hi, acc_s, acc_z);
-  o.y = lsq_one(gv.y, xv.y, sc, zc, lo, hi, acc_s, acc_z);
-  o.z = lsq_one(gv.z, xv.z, sc, zc, lo, hi, acc_s, acc_z);
-  o.w = lsq_one(gv.w, xv.w, sc, zc, lo, hi, acc_s, acc_z);
-  return o;
-}
-
-// Sum the block's partial sums in shared memory; thread 0 adds them to channel c's totals.
-__device__ __forceinline__ void lsq_block_sum(double acc_s, double acc_z, double* gs, double* gz, int64_t c) {
-  __shared__ double sh_s[kThreads], sh_z[kThreads];
-  sh_s[threadIdx.x] = acc_s;
-  sh_z[threadIdx.x] = acc_z;
-  __syncthreads();
-  for (int k = blockDim.x / 2; k > 0; k /= 2) {
-    if (threadIdx.x < k) {
-      sh_s[threadIdx.x] += sh_s[threadIdx.x + k];
-      sh_z[threadIdx.x] += sh_z[threadIdx.x + k];
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    atomicAdd(gs + c, sh_s[0]);
-    atomicAdd(gz + c, sh_z[0]);
-  }
-}
-
-// Position of the j-th element of channel c in the [outer, channels, inner] memory view.
-template <typename I>
-__device__ __forceinline__ I channel_element(I j, I c, I inner, I channels) {
-  if (channels == 1) return j;
-  const I o = j / inner;
-  return (o * channels + c) * inner + (j - o * inner);
-}
-
-template <typename T, typename I>
-__global__ void lsq_kernel(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ gx, I per_channel,
-                           I inner, I channels, const compute_t<T>* __restrict__ s,
-                           const compute_t<T>* __restrict__ z, compute_t<T> lo, compute_t<T> hi,
-                           double* __restrict__ gs, double* __restrict__ gz) {
+// A unit of the LSQ walk: one value of T, or four float32 (float4: 16-byte loads and stores).
+template <typename T>
+__device__ __forceinline__ T lsq_unit(T g, T x, compute_t<T> sc, compute_t<T> zc, compute_t<T> lo, compute_t<T> hi,
+                                      double& acc_s, double& acc_z) {
   using A = compute_t<T>;
-  const I c = blockIdx.y;
-  const A sc = s[c], zc = z[c];
-  double acc_s = 0.0, acc_z = 0.0;
-  for (I j = blockIdx.x * I(blockDim.x) + threadIdx.x; j < per_channel; j += I(blockDim.x) * gridDim.x) {
-    const I i = channel_element(j, c, inner, channels);
-    const A gi = lsq_one(static_cast<A>(g[i]), static_cast<A>(x[i]), sc, zc, lo, hi, acc_s, acc_z);
-    gx[i] = static_cast<T>(gi);  // g[i] or 0: exact in T
-  }
-  lsq_block_sum(acc_s, acc_z, gs, gz, c);
+  return static_cast<T>(lsq_one<A>(static_cast<A>(g), static_cast<A>(x), sc, zc, lo, hi, acc_s, acc_z));  // g or 0
 }
 
-// float32, 16-byte aligned, each channel's runs a multiple of 4 long: float4 loads and stores
-// (4x the bytes in flight per thread; the scalar kernel reached about half the copy bandwidth).
-template <typename I>
-__global__ void lsq_kernel_vec4(const float4* __restrict__ g, const float4* __restrict__ x, float4* __restrict__ gx,
-                                I per_channel4, I inner4, I channels, const float* __restrict__ s,
-                                const float* __restrict__ z, float lo, float hi, double* __restrict__ gs,
-                                double* __restrict__ gz) {
-  const I c = blockIdx.y;
-  const float sc = s[c], zc = z[c];
-  double acc_s = 0.0, acc_z = 0.0;
-  for (I j = blockIdx.x * I(blockDim.x) + threadIdx.x; j < per_channel4; j += I(blockDim.x) * gridDim.x) {
-    const I i = channel_element(j, c, inner4, channels);
-    gx[i] = lsq_four(g[i], x[i], sc, zc, lo, hi, acc_s, acc_z);
-  }
-  lsq_block_sum(acc_s, acc_z, gs, gz, c);
+__device__ __forceinline__ float4 lsq_unit(float4 g, float4 x, float sc, float zc, float lo, float hi, double& acc_s,
+                                           double& acc_z) {
+  return {lsq_one(g.x, x.x, sc, zc, lo, hi, acc_s, acc_z), lsq_one(g.y, x.y, sc, zc, lo, hi, acc_s, acc_z),
+          lsq_one(g.z, x.z, sc, zc, lo, hi, acc_s, acc_z), lsq_one(g.w, x.w, sc, zc, lo, hi, acc_s, acc_z)};
 }
 
-// Per-channel float32 LSQ with rows of at least 16 float4s: one warp per row of the
-// [outer * channels, inner] view, coalesced along the row.  Warps step over rows by n_warps, a
-// multiple of the channel count, so each warp stays on one channel and sums it in registers
-// (the channel-major grid above strides across rows: about 2/3 of the copy bandwidth on an H200).
-template <typename I>
-__global__ void lsq_rows_vec4(const float4* __restrict__ g, const float4* __restrict__ x, float4* __restrict__ gx,
-                              I rows, I inner4, I channels, I n_warps, const float* __restrict__ s,
-                              const float* __restrict__ z, float lo, float hi, double* __restrict__ gs,
-                              double* __restrict__ gz) {
-  const I warp = (blockIdx.x * I(blockDim.x) + threadIdx.x) / 32;
+// Block reduction of per-thread sums keyed by `key` (non-decreasing with the thread index,
+// in [0, kThreads)): a segmented warp reduction leaves each key's sum in the first lane that
+// holds it, those lanes add into shared memory, and thread k < keys adds key k's total to
+// channel `channel_of_key(k)`.
+template <typename F>
+__device__ __forceinline__ void lsq_block_sum(double acc_s, double acc_z, int key, int keys, F channel_of_key,
+                                              double* gs, double* gz) {
+  __shared__ double sh_s[kThreads], sh_z[kThreads];
+  sh_s[threadIdx.x] = 0.0;
+  sh_z[threadIdx.x] = 0.0;
   const int lane = threadIdx.x % 32;
-  if (warp >= n_warps) return;  // whole warps leave together: the shuffles below stay full-warp
-  const I c = warp % channels;
-  const float sc = s[c], zc = z[c];
-  double acc_s = 0.0, acc_z = 0.0;
-  for (I r = warp; r < rows; r += n_warps) {
-    for (I k = r * inner4 + lane, end = (r + 1) * inner4; k < end; k += 32) {
-      gx[k] = lsq_four(g[k], x[k], sc, zc, lo, hi, acc_s, acc_z);
+  for (int off = 1; off < 32; off *= 2) {
+    const double os = __shfl_down_sync(0xffffffffu, acc_s, off), oz = __shfl_down_sync(0xffffffffu, acc_z, off);
+    const int ok = __shfl_down_sync(0xffffffffu, key, off);
+    if (lane + off < 32 && ok == key) {
+      acc_s += os;
+      acc_z += oz;
     }
   }
-  for (int off = 16; off > 0; off /= 2) {
-    acc_s += __shfl_down_sync(0xffffffffu, acc_s, off);
-    acc_z += __shfl_down_sync(0xffffffffu, acc_z, off);
+  const int before = __shfl_up_sync(0xffffffffu, key, 1);
+  __syncthreads();
+  if (lane == 0 || before != key) {
+    atomicAdd(sh_s + key, acc_s);
+    atomicAdd(sh_z + key, acc_z);
   }
-  if (lane == 0) {
-    atomicAdd(gs + c, acc_s);
-    atomicAdd(gz + c, acc_z);
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < keys) {
+    const auto c = channel_of_key(static_cast<int>(threadIdx.x));
+    atomicAdd(gs + c, sh_s[threadIdx.x]);
+    atomicAdd(gz + c, sh_z[threadIdx.x]);
   }
+}
+
+constexpr int kUnroll = 2;  // units loaded per thread before any is computed (bytes in flight)
+
+// Per-tensor, or per-channel with long rows: block (b, c) walks channel c's units in memory
+// order: unit j of the channel is column j % inner of its row j / inner, at
+// (row * channels + c) * inner + column of the [outer, channels, inner] view.  Threads step j
+// by the grid's width, carrying (row, column) instead of dividing, and load kUnroll units
+// before computing any.
+template <typename V, typename I>
+__global__ void __launch_bounds__(kThreads) lsq_channel_kernel(const V* __restrict__ g, const V* __restrict__ x,
+                                                              V* __restrict__ gx, I outer, I inner, I channels,
+                                                              const compute_t<V>* __restrict__ s,
+                                                              const compute_t<V>* __restrict__ z, compute_t<V> lo,
+                                                              compute_t<V> hi, double* __restrict__ gs,
+                                                              double* __restrict__ gz) {
+  const int c = blockIdx.y;
+  const auto sc = s[c], zc = z[c];
+  const I width = I(gridDim.x) * kThreads, step_row = width / inner, step_col = width % inner;
+  const I j = I(blockIdx.x) * kThreads + threadIdx.x;
+  I row = j / inner, col = j % inner;
+  double acc_s = 0.0, acc_z = 0.0;
+  while (row < outer) {
+    I at[kUnroll];
+    V gv[kUnroll], xv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      at[u] = row < outer ? (row * channels + c) * inner + col : I(-1);
+      col += step_col;
+      row += step_row + (col >= inner ? 1 : 0);
+      col -= col >= inner ? inner : I(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (at[u] >= 0) {
+        gv[u] = g[at[u]];
+        xv[u] = x[at[u]];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (at[u] >= 0) gx[at[u]] = lsq_unit(gv[u], xv[u], sc, zc, lo, hi, acc_s, acc_z);
+    }
+  }
+  lsq_block_sum(acc_s, acc_z, 0, 1, [c](int) { return c; }, gs, gz);
+}
+
+// Per-channel with short rows: the grid's width is a whole number of slabs (one outer index:
+// channels * inner units), so thread j's units j, j + width, ... all lie in channel
+// (j / inner) % channels.  The walk is in memory order (coalesced, no index arithmetic), the
+// sums stay in registers, and each block reduces once by row.  (A channel-major walk of rows
+// this short reached about 72% of the copy bandwidth on an H200.)
+template <typename V, typename I>
+__global__ void __launch_bounds__(kThreads) lsq_slab_kernel(const V* __restrict__ g, const V* __restrict__ x,
+                                                           V* __restrict__ gx, I n, I width, I inner, I channels,
+                                                           const compute_t<V>* __restrict__ s,
+                                                           const compute_t<V>* __restrict__ z, compute_t<V> lo,
+                                                           compute_t<V> hi, double* __restrict__ gs,
+                                                           double* __restrict__ gz) {
+  const I first = I(blockIdx.x) * kThreads, j = first + threadIdx.x;
+  const I first_row = first / inner, row = j / inner;  // row - first_row < kThreads
+  double acc_s = 0.0, acc_z = 0.0;
+  if (j < width) {
+    const I c = row % channels;
+    const auto sc = s[c], zc = z[c];
+    for (I i = j; i < n; i += width * kUnroll) {
+      V gv[kUnroll], xv[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * width < n) {
+          gv[u] = g[i + u * width];
+          xv[u] = x[i + u * width];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * width < n) gx[i + u * width] = lsq_unit(gv[u], xv[u], sc, zc, lo, hi, acc_s, acc_z);
+      }
+    }
+  }
+  const I last = (first + kThreads < width ? first + kThreads : width) - 1;
+  lsq_block_sum(acc_s, acc_z, static_cast<int>(row - first_row), static_cast<int>(last / inner - first_row + 1),
+                [=](int k) { return (first_row + k) % channels; }, gs, gz);
+}
+
+template <typename K>
+int64_t resident_blocks(K kernel) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  return std::max(per_sm, 1) * int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
+}
+
+// One wave of resident blocks where the work divides evenly into it; a grid that leaves a
+// second, partial wave runs at a fraction of the bandwidth.
+template <typename V, typename I>
+void launch_lsq(const V* g, const V* x, V* gx, const View& v, int64_t per_unit, const compute_t<V>* s,
+                const compute_t<V>* z, int64_t qmin, int64_t qmax, double* gs, double* gz) {
+  using A = compute_t<V>;
+  static const int64_t slab_blocks = resident_blocks(lsq_slab_kernel<V, I>);
+  static const int64_t channel_blocks = resident_blocks(lsq_channel_kernel<V, I>);
+  const int64_t inner = v.inner / per_unit, n = v.outer * v.channels * inner, slab = v.channels * inner;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (v.channels > 1 && slab <= slab_blocks * kThreads) {
+    const int64_t width = std::min(n, slab_blocks * kThreads / slab * slab);
+    lsq_slab_kernel<V, I><<<static_cast<unsigned>((width + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        g, x, gx, I(n), I(width), I(inner), I(v.channels), s, z, static_cast<A>(qmin), static_cast<A>(qmax), gs, gz);
+    return;
+  }
+  // blocks per channel: one wave if that gives each channel at least 4, else about 4 waves
+  const int64_t per_channel = v.outer * inner, wave = channel_blocks / v.channels;
+  const int64_t bx = std::max<int64_t>(1, std::min(wave >= 4 ? wave : (4 * channel_blocks + v.channels - 1) / v.channels,
+                                                   (per_channel + kThreads - 1) / kThreads));
+  lsq_channel_kernel<V, I><<<dim3(static_cast<unsigned>(bx), static_cast<unsigned>(v.channels)), kThreads, 0,
+                             stream>>>(g, x, gx, I(v.outer), I(inner), I(v.channels), s, z, static_cast<A>(qmin),
+                                       static_cast<A>(qmax), gs, gz);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
@@ -335,46 +396,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cuda(const at::Tenso
   at::Tensor gx = at::empty_like(v.x);
   at::Tensor gs = at::zeros({v.channels}, x.options().dtype(at::kDouble));
   at::Tensor gz = at::zeros({v.channels}, x.options().dtype(at::kDouble));
-  const int64_t per_channel = v.outer * v.inner;
   TORCH_CHECK(v.channels < 65536, "mct_fx: at most 65535 channels on CUDA, got ", v.channels);
-  const bool vec4 = vec4_ok(v, v.x, g) && vec4_ok(v, gx, gx);  // per_channel % 4 == 0 follows
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t threads_needed = (vec4 ? per_channel / 4 : per_channel) + kThreads - 1;
-  const int64_t bx = std::max<int64_t>(1, std::min<int64_t>(threads_needed / kThreads,
-                                                            std::max<int64_t>(1, sms * 8 / v.channels)));
-  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(v.channels));
-  if (vec4 && v.channels > 1 && v.inner >= 64) {
-    const int64_t rows = v.outer * v.channels;
-    const int64_t per_c = std::max<int64_t>(1, std::min<int64_t>(v.outer, sms * 64 / v.channels));
-    const int64_t n_warps = per_c * v.channels;
-    with_index_type(v.x.numel(), [&](auto index) {
-      using I = decltype(index);
-      lsq_rows_vec4<I><<<static_cast<unsigned>((n_warps * 32 + kThreads - 1) / kThreads), kThreads, 0,
-                         at::cuda::getCurrentCUDAStream()>>>(
-          reinterpret_cast<const float4*>(g.data_ptr<float>()),
-          reinterpret_cast<const float4*>(v.x.data_ptr<float>()), reinterpret_cast<float4*>(gx.data_ptr<float>()),
-          I(rows), I(v.inner / 4), I(v.channels), I(n_warps), s.data_ptr<float>(), z.data_ptr<float>(),
-          static_cast<float>(qmin), static_cast<float>(qmax), gs.data_ptr<double>(), gz.data_ptr<double>());
-    });
-  } else if (vec4) {
-    with_index_type(v.x.numel(), [&](auto index) {
-      using I = decltype(index);
-      lsq_kernel_vec4<I><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          reinterpret_cast<const float4*>(g.data_ptr<float>()),
-          reinterpret_cast<const float4*>(v.x.data_ptr<float>()), reinterpret_cast<float4*>(gx.data_ptr<float>()),
-          I(per_channel / 4), I(v.inner / 4), I(v.channels),
-          s.data_ptr<float>(), z.data_ptr<float>(), static_cast<float>(qmin), static_cast<float>(qmax),
-          gs.data_ptr<double>(), gz.data_ptr<double>());
-    });
-  } else MCT_FX_DISPATCH(x.scalar_type(), [&] {
-    using A = compute_t<scalar_t>;
-    with_index_type(v.x.numel(), [&](auto index) {
-      using I = decltype(index);
-      lsq_kernel<scalar_t, I><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          g.data_ptr<scalar_t>(), v.x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), I(per_channel), I(v.inner),
-          I(v.channels), s.data_ptr<A>(), z.data_ptr<A>(), static_cast<A>(qmin), static_cast<A>(qmax),
-          gs.data_ptr<double>(), gz.data_ptr<double>());
-    });
+  with_index_type(v.x.numel(), [&](auto index) {
+    using I = decltype(index);
+    if (vec4_ok(v, v.x, g) && vec4_ok(v, gx, gx)) {
+      launch_lsq<float4, I>(reinterpret_cast<const float4*>(g.data_ptr<float>()),
+                            reinterpret_cast<const float4*>(v.x.data_ptr<float>()),
+                            reinterpret_cast<float4*>(gx.data_ptr<float>()), v, 4, s.data_ptr<float>(),
+                            z.data_ptr<float>(), qmin, qmax, gs.data_ptr<double>(), gz.data_ptr<double>());
+    } else {
+      MCT_FX_DISPATCH(x.scalar_type(), [&] {
+        using A = compute_t<scalar_t>;
+        launch_lsq<scalar_t, I>(g.data_ptr<scalar_t>(), v.x.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), v, 1,
+                                s.data_ptr<A>(), z.data_ptr<A>(), qmin, qmax, gs.data_ptr<double>(),
+                                gz.data_ptr<double>());
+      });
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {gx, gs.to(scale.scalar_type()).reshape(scale.sizes()),
