@@ -113,7 +113,7 @@ def load_kernels() -> str:
     import torch
 
     parts = []
-    if _try("cpu", ["fake_quant_cpu.cpp", "search_cpu.cpp"], cuda=False):
+    if _try("cpu", ["fake_quant_cpu.cpp", "search_cpu.cpp", "autograd.cpp"], cuda=False):
         parts.append("cpp")
     if (torch.cuda.is_available() or os.environ.get("MCT_FX_BUILD_CUDA") == "1") and \
             _try("cuda", ["fake_quant_cuda.cu"], cuda=True):

@@ -22,6 +22,8 @@ The ops live in the ``torch.ops.mct_fx`` namespace, so autograd,
   saved input (``fake_quant_backward``), plus the LSQ gradients of ``scale`` and
   ``zero_point`` when those require grad (``fake_quant_lsq_backward``, reduced
   inside the kernel);
+  (the compiled library registers this autograd in C++, ``csrc/autograd.cpp``; the functions
+  below serve the reference backend);
 * ``fake_quant_lut(x, centers, scale, axis)``: nearest of the sorted ``centers``
   (ties to the lower one) times ``scale``; STE gradient inside
   ``[min(centers), max(centers)] * scale``;
@@ -296,10 +298,12 @@ def _lut_backward(ctx, grad):
     return torch.ops.mct_fx.fake_quant_lut_backward(grad, x, centers, scale, ctx.axis), None, None, None
 
 
-torch.library.register_autograd("mct_fx::fake_quant", _fq_backward, setup_context=_fq_setup)
-torch.library.register_autograd("mct_fx::fake_quant_lut", _lut_backward, setup_context=_lut_setup)
-
 _BACKEND = _extension.load_kernels()
+if not torch._C._dispatch_has_kernel_for_dispatch_key("mct_fx::fake_quant", "Autograd"):
+    # the compiled library registers the same rules in C++ (csrc/autograd.cpp: a third of the
+    # host time per forward + backward); the reference backend uses these
+    torch.library.register_autograd("mct_fx::fake_quant", _fq_backward, setup_context=_fq_setup)
+    torch.library.register_autograd("mct_fx::fake_quant_lut", _lut_backward, setup_context=_lut_setup)
 
 
 # ------------------------------------------------------------------ public API

@@ -17,12 +17,16 @@ def test_fused_cpu_kernels_are_in_use():
 
 
 def test_environment_forces_the_reference():
+    # the reference backend registers its autograd from Python, the compiled one from C++: same rules
     code = ("import torch, mct_fx.kernels as k; "
-            "y = k.fake_quant(torch.tensor([0.3, 9.0]), torch.tensor(0.5), torch.tensor(0.0), -4, 3); "
-            "print(k.backend(), y.tolist())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, MCT_FX_KERNELS="reference")).stdout
-    assert out.split() == ["reference", "[0.5,", "1.5]"]
+            "x, s = torch.tensor([0.3, 9.0], requires_grad=True), torch.tensor(0.5, requires_grad=True); "
+            "y = k.fake_quant(x, s, torch.tensor(0.0), -4, 3); y.sum().backward(); "
+            "print(k.backend(), y.tolist(), x.grad.tolist(), round(s.grad.item(), 5))")
+    out = {mode: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                env=dict(os.environ, MCT_FX_KERNELS=mode)).stdout.split() for mode in ("reference", "")}
+    # 0.3 / 0.5 rounds to 1 (inside: d/ds = 1 - 0.6); 9 / 0.5 clamps to 3 (outside: d/ds = 3)
+    assert out["reference"] == ["reference", "[0.5,", "1.5]", "[1.0,", "0.0]", "3.4"]
+    assert out[""][0] == backend() and out[""][1:] == out["reference"][1:]
 
 
 def test_pot_signed_8bit_hand_values():
