@@ -21,9 +21,8 @@ The ops live in the ``torch.ops.mct_fx`` namespace, so autograd,
   straight-through estimator masked to the clipping range, computed from the
   saved input (``fake_quant_backward``), plus the LSQ gradients of ``scale`` and
   ``zero_point`` when those require grad (``fake_quant_lsq_backward``, reduced
-  inside the kernel);
-  (the compiled library registers this autograd in C++, ``csrc/autograd.cpp``; the functions
-  below serve the reference backend);
+  inside the kernel).  The compiled library registers this autograd in C++
+  (``csrc/autograd.cpp``); the Python functions below serve the reference backend;
 * ``fake_quant_lut(x, centers, scale, axis)``: nearest of the sorted ``centers``
   (ties to the lower one) times ``scale``; STE gradient inside
   ``[min(centers), max(centers)] * scale``;
