@@ -298,7 +298,7 @@ def _lut_backward(ctx, grad):
 
 
 _BACKEND = _extension.load_kernels()
-if not torch._C._dispatch_has_kernel_for_dispatch_key("mct_fx::fake_quant", "Autograd"):
+if "cpp" not in _BACKEND.split("+"):
     # the compiled library registers the same rules in C++ (csrc/autograd.cpp: a third of the
     # host time per forward + backward); the reference backend uses these
     torch.library.register_autograd("mct_fx::fake_quant", _fq_backward, setup_context=_fq_setup)

@@ -87,8 +87,6 @@ def test_forward_and_ste_backward_bit_identical(case):
 def test_lsq_backward_matches_reference(case):
     x, scale, zp, qmin, qmax = _make(*case)
     axis = case[3]
-    finite = torch.isfinite(x.float()) & (x.float().abs() < 1e20)
-    x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))  # LSQ sums: keep them finite
     grad = torch.randn(x.shape).to(x.dtype).to(x.device)
     ours = torch.ops.mct_fx.fake_quant_lsq_backward(grad, x, scale, zp, qmin, qmax, axis)
     ref = kernels.reference_fake_quant_lsq_backward(*_cpu(grad, x, scale, zp), qmin, qmax, axis)

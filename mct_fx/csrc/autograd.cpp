@@ -35,6 +35,7 @@ std::optional<int64_t> axis_of(const c10::IValue& v) {
 }
 
 struct FakeQuant : public torch::autograd::Function<FakeQuant> {
+  static constexpr bool is_traceable = true;  // backward calls dispatcher ops only: compiled autograd traces it
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
                             const at::Tensor& zero_point, int64_t qmin, int64_t qmax, std::optional<int64_t> axis) {
     static const auto fake_quant = op<FakeQuantFn>("mct_fx::fake_quant");
@@ -63,6 +64,7 @@ struct FakeQuant : public torch::autograd::Function<FakeQuant> {
 };
 
 struct FakeQuantLut : public torch::autograd::Function<FakeQuantLut> {
+  static constexpr bool is_traceable = true;
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& centers,
                             const at::Tensor& scale, std::optional<int64_t> axis) {
     static const auto lut = op<LutFn>("mct_fx::fake_quant_lut");
@@ -81,14 +83,28 @@ struct FakeQuantLut : public torch::autograd::Function<FakeQuantLut> {
   }
 };
 
+// No graph to record (inference, calibration): straight to the kernel, no node, nothing saved.
+bool records(std::initializer_list<at::Tensor> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const auto& t : inputs)
+    if (t.requires_grad()) return true;
+  return false;
+}
+
 at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                                int64_t qmin, int64_t qmax, std::optional<int64_t> axis) {
-  return FakeQuant::apply(x, scale, zero_point, qmin, qmax, axis);
+  if (records({x, scale, zero_point})) return FakeQuant::apply(x, scale, zero_point, qmin, qmax, axis);
+  static const auto fake_quant = op<FakeQuantFn>("mct_fx::fake_quant");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return fake_quant.call(x, scale, zero_point, qmin, qmax, axis);
 }
 
 at::Tensor fake_quant_lut_autograd(const at::Tensor& x, const at::Tensor& centers, const at::Tensor& scale,
                                    std::optional<int64_t> axis) {
-  return FakeQuantLut::apply(x, centers, scale, axis);
+  if (records({x, centers, scale})) return FakeQuantLut::apply(x, centers, scale, axis);
+  static const auto lut = op<LutFn>("mct_fx::fake_quant_lut");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return lut.call(x, centers, scale, axis);
 }
 
 }  // namespace

@@ -96,9 +96,8 @@ MCT_FX_INLINE void lsq_terms(const A* __restrict__ g, const A* __restrict__ x, A
     const A v = x[i] / si;
     const A r = std::nearbyint(v);
     const A q = r + zi;
-    const bool below = q < lo, above = q > hi;
-    const bool inside = !(below | above);
-    const A qc = below ? lo : hi;
+    const bool inside = (q >= lo) & (q <= hi);  // NaN is outside, as in the reference
+    const A qc = q < lo ? lo : hi;
     gx[i] = inside ? g[i] : A(0);
     ts[i] = g[i] * (inside ? r - v : qc - zi);
     tz[i] = inside ? A(0) : -(g[i] * si);

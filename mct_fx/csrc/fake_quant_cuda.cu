@@ -214,9 +214,8 @@ __device__ __forceinline__ A lsq_one(A gi, A xi, A sc, A zc, A lo, A hi, double&
   const A v = xi / sc;
   const A r = rint_(v);
   const A q = r + zc;
-  const bool below = q < lo, above = q > hi;
-  const bool inside = !(below || above);
-  acc_s += static_cast<double>(gi * (inside ? r - v : (below ? lo : hi) - zc));
+  const bool inside = q >= lo && q <= hi;  // NaN is outside, as in the reference
+  acc_s += static_cast<double>(gi * (inside ? r - v : (q < lo ? lo : hi) - zc));
   if (!inside) acc_z -= static_cast<double>(gi * sc);  // the float -> double conversion only where needed
   return inside ? gi : A(0);
 }
@@ -289,25 +288,25 @@ __global__ void __launch_bounds__(kThreads) lsq_channel_kernel(const V* __restri
   I row = j / inner, col = j % inner;
   double acc_s = 0.0, acc_z = 0.0;
   while (row < outer) {
-    I at[kUnroll];
+    I pos[kUnroll];
     V gv[kUnroll], xv[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      at[u] = row < outer ? (row * channels + c) * inner + col : I(-1);
+      pos[u] = row < outer ? (row * channels + c) * inner + col : I(-1);
       col += step_col;
       row += step_row + (col >= inner ? 1 : 0);
       col -= col >= inner ? inner : I(0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (at[u] >= 0) {
-        gv[u] = g[at[u]];
-        xv[u] = x[at[u]];
+      if (pos[u] >= 0) {
+        gv[u] = g[pos[u]];
+        xv[u] = x[pos[u]];
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (at[u] >= 0) gx[at[u]] = lsq_unit(gv[u], xv[u], sc, zc, lo, hi, acc_s, acc_z);
+      if (pos[u] >= 0) gx[pos[u]] = lsq_unit(gv[u], xv[u], sc, zc, lo, hi, acc_s, acc_z);
     }
   }
   lsq_block_sum(acc_s, acc_z, 0, 1, [c](int) { return c; }, gs, gz);
@@ -351,11 +350,12 @@ __global__ void __launch_bounds__(kThreads) lsq_slab_kernel(const V* __restrict_
                 [=](int k) { return (first_row + k) % channels; }, gs, gz);
 }
 
+// Resident blocks of `kernel` per SM (the same on every device of one architecture).
 template <typename K>
-int64_t resident_blocks(K kernel) {
+int64_t blocks_per_sm(K kernel) {
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  return std::max(per_sm, 1) * int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
+  return std::max(per_sm, 1);
 }
 
 // One wave of resident blocks where the work divides evenly into it; a grid that leaves a
@@ -364,8 +364,10 @@ template <typename V, typename I>
 void launch_lsq(const V* g, const V* x, V* gx, const View& v, int64_t per_unit, const compute_t<V>* s,
                 const compute_t<V>* z, int64_t qmin, int64_t qmax, double* gs, double* gz) {
   using A = compute_t<V>;
-  static const int64_t slab_blocks = resident_blocks(lsq_slab_kernel<V, I>);
-  static const int64_t channel_blocks = resident_blocks(lsq_channel_kernel<V, I>);
+  static const int64_t slab_per_sm = blocks_per_sm(lsq_slab_kernel<V, I>);
+  static const int64_t channel_per_sm = blocks_per_sm(lsq_channel_kernel<V, I>);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t slab_blocks = slab_per_sm * sms, channel_blocks = channel_per_sm * sms;
   const int64_t inner = v.inner / per_unit, n = v.outer * v.channels * inner, slab = v.channels * inner;
   auto stream = at::cuda::getCurrentCUDAStream();
   if (v.channels > 1 && slab <= slab_blocks * kThreads) {
@@ -374,6 +376,8 @@ void launch_lsq(const V* g, const V* x, V* gx, const View& v, int64_t per_unit, 
         g, x, gx, I(n), I(width), I(inner), I(v.channels), s, z, static_cast<A>(qmin), static_cast<A>(qmax), gs, gz);
     return;
   }
+  TORCH_CHECK(v.channels < 65536, "mct_fx: the CUDA LSQ backward takes at most 65535 channels when a slab of ",
+              "channels * inner values exceeds a wave of blocks; got ", v.channels, " channels of ", v.inner);
   // blocks per channel: one wave if that gives each channel at least 4, else about 4 waves
   const int64_t per_channel = v.outer * inner, wave = channel_blocks / v.channels;
   const int64_t bx = std::max<int64_t>(1, std::min(wave >= 4 ? wave : (4 * channel_blocks + v.channels - 1) / v.channels,
@@ -396,7 +400,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cuda(const at::Tenso
   at::Tensor gx = at::empty_like(v.x);
   at::Tensor gs = at::zeros({v.channels}, x.options().dtype(at::kDouble));
   at::Tensor gz = at::zeros({v.channels}, x.options().dtype(at::kDouble));
-  TORCH_CHECK(v.channels < 65536, "mct_fx: at most 65535 channels on CUDA, got ", v.channels);
   with_index_type(v.x.numel(), [&](auto index) {
     using I = decltype(index);
     if (vec4_ok(v, v.x, g) && vec4_ok(v, gx, gx)) {
