@@ -43,30 +43,33 @@ def _timeit(fn, device: str, min_time: float = 0.3) -> float:
     """Median seconds per call.  On CUDA: device events around batches of back-to-back calls,
     so launch and synchronisation latency stay out of the time (the GPU throughput)."""
     fn()
-    if device != "cuda":
-        times = []
-        start = time.perf_counter()
-        while time.perf_counter() - start < min_time or len(times) < 3:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    batch = max(2, min(50, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
+    batch = 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        batch = max(2, min(50, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
     times = []
     start = time.perf_counter()
     while time.perf_counter() - start < min_time or len(times) < 3:
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
+        times.append(_batch_seconds(fn, batch, device) / batch)
+    return statistics.median(times)
+
+
+def _batch_seconds(fn, batch: int, device: str) -> float:
+    if device != "cuda":
+        t0 = time.perf_counter()
         for _ in range(batch):
             fn()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / 1e3 / batch)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(batch):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
 
 
 def _cases(n: int, per_channel: bool, device: str):

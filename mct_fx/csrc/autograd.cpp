@@ -30,6 +30,21 @@ c10::TypedOperatorHandle<Fn> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
+// The forward ops below autograd (the device kernels).
+at::Tensor fake_quant_below(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t qmin,
+                            int64_t qmax, std::optional<int64_t> axis) {
+  static const auto fake_quant = op<FakeQuantFn>("mct_fx::fake_quant");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return fake_quant.call(x, scale, zero_point, qmin, qmax, axis);
+}
+
+at::Tensor lut_below(const at::Tensor& x, const at::Tensor& centers, const at::Tensor& scale,
+                     std::optional<int64_t> axis) {
+  static const auto lut = op<LutFn>("mct_fx::fake_quant_lut");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return lut.call(x, centers, scale, axis);
+}
+
 std::optional<int64_t> axis_of(const c10::IValue& v) {
   return v.isNone() ? std::nullopt : std::optional<int64_t>(v.toInt());
 }
@@ -38,13 +53,11 @@ struct FakeQuant : public torch::autograd::Function<FakeQuant> {
   static constexpr bool is_traceable = true;  // backward calls dispatcher ops only: compiled autograd traces it
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
                             const at::Tensor& zero_point, int64_t qmin, int64_t qmax, std::optional<int64_t> axis) {
-    static const auto fake_quant = op<FakeQuantFn>("mct_fx::fake_quant");
     ctx->save_for_backward({x, scale, zero_point});
     ctx->saved_data["qmin"] = qmin;
     ctx->saved_data["qmax"] = qmax;
     ctx->saved_data["axis"] = axis;
-    at::AutoDispatchBelowADInplaceOrView below;
-    return fake_quant.call(x, scale, zero_point, qmin, qmax, axis);
+    return fake_quant_below(x, scale, zero_point, qmin, qmax, axis);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -67,11 +80,9 @@ struct FakeQuantLut : public torch::autograd::Function<FakeQuantLut> {
   static constexpr bool is_traceable = true;
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& centers,
                             const at::Tensor& scale, std::optional<int64_t> axis) {
-    static const auto lut = op<LutFn>("mct_fx::fake_quant_lut");
     ctx->save_for_backward({x, centers, scale});
     ctx->saved_data["axis"] = axis;
-    at::AutoDispatchBelowADInplaceOrView below;
-    return lut.call(x, centers, scale, axis);
+    return lut_below(x, centers, scale, axis);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -94,17 +105,13 @@ bool records(std::initializer_list<at::Tensor> inputs) {
 at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                                int64_t qmin, int64_t qmax, std::optional<int64_t> axis) {
   if (records({x, scale, zero_point})) return FakeQuant::apply(x, scale, zero_point, qmin, qmax, axis);
-  static const auto fake_quant = op<FakeQuantFn>("mct_fx::fake_quant");
-  at::AutoDispatchBelowADInplaceOrView below;
-  return fake_quant.call(x, scale, zero_point, qmin, qmax, axis);
+  return fake_quant_below(x, scale, zero_point, qmin, qmax, axis);
 }
 
 at::Tensor fake_quant_lut_autograd(const at::Tensor& x, const at::Tensor& centers, const at::Tensor& scale,
                                    std::optional<int64_t> axis) {
   if (records({x, centers, scale})) return FakeQuantLut::apply(x, centers, scale, axis);
-  static const auto lut = op<LutFn>("mct_fx::fake_quant_lut");
-  at::AutoDispatchBelowADInplaceOrView below;
-  return lut.call(x, centers, scale, axis);
+  return lut_below(x, centers, scale, axis);
 }
 
 }  // namespace

@@ -168,3 +168,9 @@ def swap(gm: nn.Module, entry: Configurable, index: int) -> dict[str, nn.Module]
         replaced[name] = getattr(gm, name)
         setattr(gm, name, module)
     return replaced
+
+
+def unswap(gm: nn.Module, replaced: dict[str, nn.Module]) -> None:
+    """Put back the modules :func:`swap` replaced."""
+    for name, module in replaced.items():
+        setattr(gm, name, module)

@@ -151,8 +151,8 @@ class CandidateMoments:
                 continue
             fix = self.fixes[layer.name] = _Fix(attr_value(gm, qnode.args[0]), bias)
             entry = by_node.get(layer.name)
-            others = [(i, entry.quantizers.get(i, {}).get("weight")) for i in range(1, len(entry.candidates))
-                      ] if entry is not None else []
+            others = [] if entry is None else [(i, entry.quantizers.get(i, {}).get("weight"))
+                                               for i in range(1, len(entry.candidates))]
             grids[layer] = [(0, q)] + [(i, c) for i, c in others if c is not None and c.axis == 0 and c.affine]
             with torch.no_grad():
                 weights[layer] = [fix.weight0] + [c(fix.weight0) for _, c in grids[layer]]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mct_fx.config import QuantConfig
 from mct_fx.data import ModelInputs
 from mct_fx.hessian import HessianService, normalized_traces
-from mct_fx.mixed_precision.candidates import AlternativeQuantizers, Configurable, configurable_nodes, swap
+from mct_fx.mixed_precision.candidates import AlternativeQuantizers, Configurable, configurable_nodes, swap, unswap
 from mct_fx.mixed_precision.config import DistanceWeighting
 from mct_fx.mixed_precision.corrections import CandidateCorrection, candidate_correction
 from mct_fx.mixed_precision.sensitivity import SensitivityEvaluator, interest_points
@@ -108,8 +108,7 @@ class MixedPrecisionSearch:
         """Put the base quantizers and configurations back (the graph as before :meth:`run` chose)."""
         nodes = {n.name: n for n in self.gm.graph.nodes}
         for entry, replaced, config in reversed(self._chosen):
-            for name, module in replaced.items():
-                setattr(self.gm, name, module)
+            unswap(self.gm, replaced)
             annotation(nodes[entry.node]).config = config
         self._chosen.clear()
 
@@ -157,8 +156,7 @@ class _Swap:
         self.correction.use_candidate(self.entry, self.index)
 
     def revert(self) -> None:
-        for name, module in self._replaced.items():
-            setattr(self.probe, name, module)
+        unswap(self.probe, self._replaced)
         self.correction.use_base(self.entry)
 
 
