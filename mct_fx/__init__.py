@@ -2,6 +2,7 @@
 
 from mct_fx import tpc
 from mct_fx.config import LayerOverride, QuantConfig
+from mct_fx.convert_imx500 import ConversionError, Imx500Package, MemoryReport, convert_imx500
 from mct_fx.data import CalibrationError
 from mct_fx.datagen import (
     DataGenConfig,
@@ -14,6 +15,7 @@ from mct_fx.datagen import (
     generate_data,
 )
 from mct_fx.export import ExportError, ExportResult, export_onnx
+from mct_fx.export_imx500 import Imx500ExportResult, export_imx500
 from mct_fx.gptq import GPTQConfig, GPTQReport, LossWeighting, Rounding, gptq
 from mct_fx.hessian import Granularity, HessianConfig, HessianService
 from mct_fx.kernels import backend
@@ -36,6 +38,7 @@ __all__ = [
     "Signedness",
     "ActivationQuantizer", "WeightQuantizer", "TargetPlatformCapabilities", "get_tpc", "load_tpc", "save_tpc",
     "TraceError", "CalibrationError", "TPCError", "backend", "tpc", "export_onnx", "ExportError", "ExportResult",
+    "export_imx500", "Imx500ExportResult", "convert_imx500", "Imx500Package", "MemoryReport", "ConversionError",
     "ResourceUtilization", "resource_utilization", "MixedPrecisionConfig", "MixedPrecisionError", "DistanceWeighting",
     "OutputDistance", "HessianService", "HessianConfig", "Granularity", "gptq", "GPTQConfig", "GPTQReport",
     "Rounding", "LossWeighting", "qat_prepare", "qat_finalize", "QATConfig", "QATMethod", "prune", "PruningConfig",

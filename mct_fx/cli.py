@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--opset", type=int, help="ONNX opset (default 20, 21 for 16-bit grids)")
     q.add_argument("--onnx-weights", choices=("int8", "uint8"), default="int8",
                    help="weight codes in the ONNX file; uint8 keeps onnxruntime exact on x86 CPUs without VNNI")
+    q.add_argument("--format", choices=("qdq", "imx500"), default="qdq",
+                   help="qdq: standard QuantizeLinear/DequantizeLinear ONNX (default); imx500: Sony's MCTQ ONNX "
+                        "for the IMX500 converter (imxconv-pt)")
+    q.add_argument("--convert", action="store_true",
+                   help="--format imx500: also run imxconv-pt, writing OUT/imx500/packerOut.zip")
+    q.add_argument("--converter", help="the imxconv-pt to run (default: $IMXCONV_PT, PATH, .nox/imx500)")
 
     r = sub.add_parser("report", help="quantize, then troubleshoot: per-layer comparison with the float model, "
                                       "degraded layers and their likely causes (report.json + report.html)")
@@ -79,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="quantize the embedded Fashion-MNIST CNN (no download, < 1 min)")
     d.add_argument("--out", default="mct_fx_demo", help="where model.onnx goes (default ./mct_fx_demo)")
     d.add_argument("--tpc", default="imx500")
+    d.add_argument("--converter", help="the imxconv-pt to run (default: $IMXCONV_PT, PATH, .nox/imx500); "
+                                       "without one the IMX500 step stops at the ONNX file")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     t = sub.add_parser("tpc", help="built-in target platforms")
@@ -243,11 +251,28 @@ def _quantize(args: argparse.Namespace) -> int:
     from mct_fx.export import export_onnx
     from mct_fx.resources import float_weights_memory
 
+    if args.convert and args.format != "imx500":
+        raise CLIError("--convert runs the IMX500 converter: add --format imx500")
+    if args.convert:
+        from mct_fx.convert_imx500 import find_converter
+
+        find_converter(args.converter)  # a missing converter fails before the work
     model, loader, qmodel, target, calib_seconds, seconds = _build(args)
     out = Path(args.out)  # created once quantization succeeded: no half-done output folder
     example = loader if isinstance(loader, torch.Tensor) else next(iter(loader))
     example = example[0] if isinstance(example, (list, tuple)) else example
-    export = export_onnx(qmodel, example[:8], out / "model.onnx", opset=args.opset, weights_dtype=args.onnx_weights)
+    package = None
+    if args.format == "imx500":
+        from mct_fx.export_imx500 import export_imx500
+
+        export = export_imx500(qmodel, example[:1], out / "model.onnx")
+        if args.convert:
+            from mct_fx.convert_imx500 import convert_imx500
+
+            package = convert_imx500(export.path, out / "imx500", args.converter)
+    else:
+        export = export_onnx(qmodel, example[:8], out / "model.onnx", opset=args.opset,
+                             weights_dtype=args.onnx_weights)
     torch.save({"state_dict": qmodel.state_dict(), "model": args.model, "weights": args.weights,
                 "tpc": target.name}, out / "quantized_state.pt")
     summary = mct_fx.summary(qmodel)
@@ -257,7 +282,8 @@ def _quantize(args: argparse.Namespace) -> int:
         "n_calib": args.n_calib, "calibration_seconds": round(calib_seconds, 2),
         "quantize_seconds": round(seconds, 2),
         "weights_bytes": {"float": float_bytes, "quantized": quant_bytes},
-        "onnx": _export_report(export), "layers": [asdict(layer) for layer in summary.layers],
+        "onnx": _export_report(export), "imx500": None if package is None else _package_report(package),
+        "layers": [asdict(layer) for layer in summary.layers],
         "left_float": list(summary.unknown),
     }
     if summary.mixed_precision is not None:
@@ -270,16 +296,29 @@ def _quantize(args: argparse.Namespace) -> int:
         print(f"\ngenerated {args.n_calib} calibration images from the BatchNorm statistics in {calib_seconds:.1f} s")
     print(f"\nquantized in {seconds:.1f} s; weights {float_bytes / 1e6:.2f} MB float -> "
           f"{quant_bytes / 1e6:.2f} MB quantized")
-    print(f"wrote {out / 'model.onnx'}, {out / 'quantized_state.pt'}, {out / 'report.json'}")
+    if package is not None:
+        print(f"IMX500 package {package.package} ({package.seconds:.0f} s to convert): memory {package.memory}")
+    print(f"wrote {out / 'model.onnx'} ({args.format}), {out / 'quantized_state.pt'}, {out / 'report.json'}")
     return 0
 
 
 def _export_report(export) -> dict:
-    report = {"path": str(export.path), "opset": export.opset, "QuantizeLinear": export.n_quantize,
-              "DequantizeLinear": export.n_dequantize}
+    from mct_fx.export_imx500 import Imx500ExportResult
+
+    if isinstance(export, Imx500ExportResult):
+        report = {"path": str(export.path), "opset": export.opset, "format": "imx500", **export.quantizers}
+    else:
+        report = {"path": str(export.path), "opset": export.opset, "format": "qdq",
+                  "QuantizeLinear": export.n_quantize, "DequantizeLinear": export.n_dequantize}
     if export.agreement is not None:
         report["agreement_with_graph_module"] = asdict(export.agreement)
     return report
+
+
+def _package_report(package) -> dict:
+    m = package.memory
+    return {"package": str(package.package), "convert_seconds": round(package.seconds, 1), "fits": m.fits,
+            "memory_bytes": m.used_bytes, "chip_bytes": m.available_bytes, "share": round(m.share, 4)}
 
 
 # ------------------------------------------------------------------ demo
@@ -306,6 +345,7 @@ def _demo(args: argparse.Namespace) -> int:
         float_acc = _accuracy(model(images), labels)
         quant_acc = _accuracy(qmodel(images), labels)
     onnx_acc = _onnx_accuracy(path, images, labels)
+    imx = _demo_imx500(qmodel, images, labels, Path(args.out), args.converter)
     float_bytes, quant_bytes = float_weights_memory(qmodel), mct_fx.resource_utilization(qmodel).weights_memory
     print(f"mct-fx demo: a CNN trained on Fashion-MNIST, quantized for {args.tpc} "
           f"with {len(calib)} calibration images in {seconds:.1f} s\n")
@@ -314,11 +354,46 @@ def _demo(args: argparse.Namespace) -> int:
             ("quantized (PyTorch)", f"{quant_acc:.1f}%", f"{quant_bytes / 1024:.0f} KiB")]
     if onnx_acc is not None:
         rows.append(("quantized (onnxruntime)", f"{onnx_acc:.1f}%", ""))
+    if imx["accuracy"] is not None:
+        rows.append(("IMX500 ONNX (onnxruntime + mct-quantizers)", f"{imx['accuracy']:.1f}%", ""))
+    if imx["package"] is not None:
+        rows.append(("IMX500 package (imxconv-pt)", "", f"{imx['package'].memory}"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     print(f"\nwrote {path} ({export.n_quantize} QuantizeLinear, {export.n_dequantize} DequantizeLinear)")
+    print(f"wrote {imx['export'].path} (IMX500: {', '.join(f'{v} {k}' for k, v in imx['export'].quantizers.items())})")
+    if imx["package"] is not None:
+        print(f"wrote {imx['package'].package} (converted in {imx['package'].seconds:.0f} s)")
+    else:
+        print(f"  {imx['skipped']}")
     return 0
+
+
+def _demo_imx500(qmodel, images: torch.Tensor, labels: torch.Tensor, out: Path, converter: str | None) -> dict:
+    """The IMX500 step of the demo: the MCTQ file, its accuracy with the reference kernels, the package."""
+    from mct_fx.convert_imx500 import ConversionError, convert_imx500, find_converter
+    from mct_fx.export_imx500 import export_imx500, reference_session_options
+
+    export = export_imx500(qmodel, images[:1], out / "model_imx500.onnx")
+    accuracy = None
+    options = reference_session_options()
+    if options is not None:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(export.path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        logits = torch.cat([torch.from_numpy(session.run(None, {name: x[None].numpy()})[0]) for x in images])
+        accuracy = _accuracy(logits, labels)
+    try:
+        find_converter(converter)
+    except ConversionError:
+        return {"export": export, "accuracy": accuracy, "package": None,
+                "skipped": "the IMX500 converter is not installed, so no package: `nox -s imx500` builds it "
+                           "(or: python3 -m venv v && v/bin/pip install 'imx500-converter[pt]')"}
+    print("converting for the IMX500 with imxconv-pt (about a minute)...", flush=True)
+    return {"export": export, "accuracy": accuracy, "package": convert_imx500(export.path, out / "imx500", converter),
+            "skipped": None}
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -29,44 +29,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, fx, nn
 
+from mct_fx.export_check import Agreement, ExportError, agreement, float_outputs, graph_outputs, output_step
+from mct_fx.export_check import run_onnxruntime as run_session
 from mct_fx.graph_utils import attr_value
 from mct_fx.kernels import dequantize, fake_quant
 from mct_fx.kernels import quantize as quantize_codes
-from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer, quantizers_off
-from mct_fx.report import energy_ratio_db
+from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
 
-__all__ = ["export_onnx", "ExportError", "ExportResult"]
+__all__ = ["export_onnx", "ExportError", "ExportResult", "Agreement"]
 
 log = logging.getLogger("mct_fx")
 
 _MIN_OPSET, _TORCH_MAX_OPSET, _MAX_OPSET = 13, 20, 21  # per-axis QDQ since 13; int16 QDQ since 21
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported as asked (names the quantizer or setting at fault)."""
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How onnxruntime's run of the file compares with the GraphModule on the example input.
-
-    Different float summation orders flip a few values that sit on a rounding
-    boundary (about 1 in 10^5 at the first layer); each flip moves later layers
-    by a step or more, so deep models rarely agree within one step everywhere.
-    ``sqnr_*`` measure both against the float model (quantizers off): a file
-    that means the same as the GraphModule is as accurate as it.
-    """
-
-    max_abs_diff: float
-    output_step: float | None  # step of the quantizer producing the output(s); None when not quantized
-    within_one_step: float  # fraction of output elements within one step (of 1e-6 when not quantized)
-    sqnr_graph_module_db: float
-    sqnr_onnx_db: float
-
-    @property
-    def faithful(self) -> bool:
-        """The file is as accurate as the GraphModule (within 1 dB), or agrees within one step everywhere."""
-        return self.within_one_step == 1.0 or self.sqnr_onnx_db >= self.sqnr_graph_module_db - 1.0
 
 
 @dataclass(frozen=True)
@@ -229,19 +203,6 @@ def _swap(gm: fx.GraphModule, node: fx.Node, replacement: nn.Module | None) -> N
         node.args = ()  # reads its own constant
 
 
-def _output_step(gm: fx.GraphModule, steps: dict[str, float]) -> float | None:
-    """The largest step of the quantizers producing the graph's outputs (None if an output is float)."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    found = [steps.get(n.name) if isinstance(n, fx.Node) else None for n in torch.utils._pytree.tree_leaves(out.args)]
-    return None if not found or None in found else max(found)
-
-
-def _float_outputs(qmodel: fx.GraphModule, inputs: tuple[Tensor, ...]) -> list[Tensor]:
-    """The outputs with every quantizer off (the float model, BN folded); the modes are restored."""
-    with torch.no_grad(), quantizers_off(qmodel):
-        return [t.float() for t in torch.utils._pytree.tree_leaves(qmodel(*inputs))]
-
-
 def export_onnx(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, ...], path: str | os.PathLike,
                 opset: int | None = None, dynamic_batch: bool = True, *, weights_dtype: str = "int8",
                 verify: bool = True) -> ExportResult:
@@ -276,8 +237,7 @@ def export_onnx(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, ..
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     gm.eval()
-    with torch.no_grad():
-        expected = [t.float() for t in torch.utils._pytree.tree_leaves(qmodel(*inputs))]
+    expected = graph_outputs(qmodel, inputs)
     names_in = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     names_out = [f"output{i}" if len(expected) > 1 else "output" for i in range(len(expected))]
     axes = {n: {0: "batch"} for n in names_in + names_out} if dynamic_batch else None
@@ -294,33 +254,19 @@ def export_onnx(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, ..
         onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     ops = [n.op_type for n in model.graph.node]
-    agreement = None
+    agreed = None
     if verify:
         got = _run_onnxruntime(path, inputs)
         if got is not None:
-            agreement = _agreement(got, expected, _float_outputs(qmodel, inputs), _output_step(qmodel, steps))
-    result = ExportResult(path, opset, ops.count("QuantizeLinear"), ops.count("DequantizeLinear"), agreement)
-    if agreement is not None and not agreement.faithful:
+            agreed = agreement(got, expected, float_outputs(qmodel, inputs), output_step(qmodel, steps))
+    result = ExportResult(path, opset, ops.count("QuantizeLinear"), ops.count("DequantizeLinear"), agreed)
+    if agreed is not None and not agreed.faithful:
         raise ExportError(f"{path}: onnxruntime's output is less accurate than the GraphModule's "
-                          f"({agreement.sqnr_onnx_db:.1f} dB vs {agreement.sqnr_graph_module_db:.1f} dB SQNR against "
+                          f"({agreed.sqnr_onnx_db:.1f} dB vs {agreed.sqnr_graph_module_db:.1f} dB SQNR against "
                           "float); the file is kept for inspection")
     log.info("wrote %s (opset %d, %d QuantizeLinear, %d DequantizeLinear)%s", path, opset, result.n_quantize,
-             result.n_dequantize, "" if agreement is None else f"; vs the GraphModule: {agreement}")
+             result.n_dequantize, "" if agreed is None else f"; vs the GraphModule: {agreed}")
     return result
-
-
-def _sqnr_db(ref: list[Tensor], got: list[Tensor]) -> float:
-    signal = sum(float(r.pow(2).sum()) for r in ref)
-    noise = sum(float((r - g).pow(2).sum()) for r, g in zip(ref, got, strict=True))
-    return energy_ratio_db(signal, noise)
-
-
-def _agreement(got: list[Tensor], expected: list[Tensor], floats: list[Tensor], step: float | None) -> Agreement:
-    diffs = torch.cat([(g - e).abs().flatten() for g, e in zip(got, expected, strict=True)])
-    tol = (step if step is not None else 1e-6) * (1 + 1e-6)
-    return Agreement(max_abs_diff=float(diffs.max()), output_step=step,
-                     within_one_step=float((diffs <= tol).float().mean()),
-                     sqnr_graph_module_db=_sqnr_db(floats, expected), sqnr_onnx_db=_sqnr_db(floats, got))
 
 
 def _run_onnxruntime(path: Path, inputs: tuple[Tensor, ...]) -> list[Tensor] | None:
@@ -333,6 +279,4 @@ def _run_onnxruntime(path: Path, inputs: tuple[Tensor, ...]) -> list[Tensor] | N
         return None
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
-    return [torch.from_numpy(o).float() for o in session.run(None, feed)]
+    return run_session(path, inputs, options)

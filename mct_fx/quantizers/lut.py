@@ -3,8 +3,8 @@
 A tensor is divided by its threshold (per channel for weights: the maximum
 ``|w|``, rounded up to a power of two for ``LUT_POT``), and ``2**n_bits`` centres
 are fitted to the normalised values by weighted 1-D k-means (Lloyd): one table
-per output channel for weights (all channels fitted at once, vectorised), one
-per tensor for activations (on the calibration histogram).  Zero is always a
+per tensor, shared by its channels (what the IMX500 runs: a table per layer, a
+threshold per channel), for activations on the calibration histogram.  Zero is always a
 centre (zero-valued weights and ReLU zeros stay exact), and the centres are
 rounded to an 8-bit grid in threshold units, so a table is 8-bit integers.
 Pure torch; activations use the ``mct_fx::fake_quant_lut`` op.
@@ -95,12 +95,13 @@ def lut_centers(values: Tensor, weights: Tensor | None, n_bits: int, signed: boo
 
 
 def lut_fake_quant_rows(rows: Tensor, centers: Tensor, scale: Tensor) -> Tensor:
-    """Each row of ``rows`` ``[R, N]`` onto its own table ``centers`` ``[R, K]`` times ``scale`` ``[R]``.
+    """Each row of ``rows`` ``[R, N]`` onto the table ``centers`` ``[K]`` times its ``scale`` ``[R]``.
 
     The gradient is the straight-through estimator (identity), as for the uniform grids.
     """
     s = scale[:, None]
     u = rows.float() / s
+    centers = centers.reshape(1, -1).expand(rows.shape[0], -1)
     mid = ((centers[:, 1:] + centers[:, :-1]) / 2).contiguous()
     idx = torch.searchsorted(mid, u.detach().contiguous())
     q = centers.gather(1, idx) * s
@@ -113,8 +114,8 @@ def _threshold(maxabs: Tensor, method: QuantMethod) -> Tensor:
 
 
 class LutWeightQuantizer(WeightQuantizer):
-    """Weights on k-means tables times a threshold (``scale``): one table per output channel
-    (per-channel quantizers) or one for the tensor."""
+    """Weights on one k-means table times a threshold (``scale``, per output channel for per-channel
+    quantizers)."""
 
     affine = False
 
@@ -123,7 +124,7 @@ class LutWeightQuantizer(WeightQuantizer):
         if not self.method.is_lut or not 2 <= self.n_bits <= MAX_LUT_BITS:
             raise ValueError(f"LutWeightQuantizer needs a LUT method and 2..{MAX_LUT_BITS} bits, "
                              f"got {self.method.value} / {self.n_bits}")
-        self.register_buffer("centers", torch.zeros(1 if channels is None else channels, 2**self.n_bits))
+        self.register_buffer("centers", torch.zeros(2**self.n_bits))
 
     def forward(self, w: Tensor) -> Tensor:
         if self.mode != "frozen":
@@ -141,12 +142,13 @@ class LutWeightQuantizer(WeightQuantizer):
         w = weight.detach().float()
         rows = self._rows(w)
         threshold = _threshold(rows.abs().amax(1), self.method)
-        mass = None if importance is None else self._rows(importance.detach().to(w.device))
-        self.centers = lut_centers(rows / threshold[:, None], mass, self.n_bits, signed=True).to(self.scale.device)
+        mass = None if importance is None else self._rows(importance.detach().to(w.device)).reshape(-1)
+        normalised = (rows / threshold[:, None]).reshape(-1)
+        self.centers = lut_centers(normalised, mass, self.n_bits, signed=True).to(self.scale.device)
         self.set_grid(threshold, torch.zeros_like(threshold))
 
     def grid_range(self) -> tuple[Tensor, Tensor]:
-        return self.centers.amin(-1) * self.scale, self.centers.amax(-1) * self.scale
+        return self.centers.amin() * self.scale, self.centers.amax() * self.scale
 
 
 class LutActivationQuantizer(ActivationQuantizer):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import fx, nn
 
 from mct_fx.quantizers.clamp import BoundedReLU
@@ -37,7 +38,7 @@ MODULE_OPS: dict[type, str] = {
     nn.AdaptiveAvgPool1d: "AvgPool", nn.AdaptiveAvgPool2d: "AvgPool", nn.AdaptiveAvgPool3d: "AvgPool",
     nn.Flatten: "Flatten", nn.Unflatten: "Reshape",
     nn.Dropout: "Dropout", nn.Dropout1d: "Dropout", nn.Dropout2d: "Dropout", nn.Dropout3d: "Dropout",
-    nn.AlphaDropout: "Dropout", nn.Identity: "Identity",
+    nn.AlphaDropout: "Dropout", torchvision.ops.StochasticDepth: "Dropout", nn.Identity: "Identity",
     nn.ZeroPad2d: "ZeroPadding2D", nn.ConstantPad2d: "Pad",
     nn.Upsample: "Resize", nn.UpsamplingNearest2d: "Resize", nn.UpsamplingBilinear2d: "Resize",
     # nn.MultiheadAttention is deliberately absent: it is a leaf holding linear layers that would
@@ -67,7 +68,7 @@ FUNCTION_OPS: dict[Any, str] = {
     torch.flatten: "Flatten", torch.reshape: "Reshape", torch.permute: "Permute", torch.transpose: "Transpose",
     torch.squeeze: "Squeeze", torch.unsqueeze: "Unsqueeze", torch.split: "SplitChunk", torch.chunk: "SplitChunk",
     operator.getitem: "GetItem", getattr: "Shape",
-    F.dropout: "Dropout", F.pad: "Pad", F.interpolate: "Resize",
+    F.dropout: "Dropout", torchvision.ops.stochastic_depth: "Dropout", F.pad: "Pad", F.interpolate: "Resize",
     F.batch_norm: "BatchNorm", F.layer_norm: "LayerNorm", F.group_norm: "GroupNorm",
     F.normalize: "L2Norm", torch.exp: "Exp", torch.sin: "Sin", torch.cos: "Cos",
     torch.gather: "Gather", torch.argmax: "ArgMax", torch.topk: "TopK", torch.eq: "Equal", operator.eq: "Equal",
