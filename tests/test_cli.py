@@ -1,6 +1,7 @@
 """The ``mct-fx`` command: demo, quantize, tpc; one-line errors with exit status 2."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 import mct_fx
 from mct_fx import datasets
 from mct_fx.cli import main
+from mct_fx.convert_imx500 import ConversionError, find_converter
 from mct_fx.demo import load_model, load_samples
 
 
@@ -20,15 +22,34 @@ def _cli(*args, timeout=300):
                           timeout=timeout)
 
 
-def test_demo_prints_accuracies_and_writes_onnx(tmp_path):
+def _has_converter() -> bool:
+    try:
+        find_converter()
+        return True
+    except ConversionError:
+        return False
+
+
+def test_demo_prints_accuracies_and_reaches_the_chip(tmp_path):
+    """The demo: QDQ ONNX, the IMX500 file and, where imxconv-pt is installed (always in CI: `nox -s
+    converter`), its package from the real converter: every landing proves the demo reaches the chip."""
     run = _cli("demo", "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr
-    acc = dict(re.findall(r"^(float|quantized \(PyTorch\)|quantized \(onnxruntime\))\s+([\d.]+)%", run.stdout, re.M))
-    assert set(acc) == {"float", "quantized (PyTorch)", "quantized (onnxruntime)"}, run.stdout
+    rows = r"float|quantized \(PyTorch\)|quantized \(onnxruntime\)|IMX500 ONNX \(onnxruntime \+ mct-quantizers\)"
+    acc = dict(re.findall(rf"^({rows})\s+([\d.]+)%", run.stdout, re.M))
+    assert set(acc) == {"float", "quantized (PyTorch)", "quantized (onnxruntime)",
+                        "IMX500 ONNX (onnxruntime + mct-quantizers)"}, run.stdout
     assert float(acc["float"]) > 85
     assert abs(float(acc["quantized (PyTorch)"]) - float(acc["float"])) <= 1.0
     assert abs(float(acc["quantized (onnxruntime)"]) - float(acc["quantized (PyTorch)"])) <= 0.5
-    assert (tmp_path / "model.onnx").stat().st_size > 0
+    assert acc["IMX500 ONNX (onnxruntime + mct-quantizers)"] == acc["quantized (PyTorch)"]  # exact agreement
+    assert (tmp_path / "model.onnx").stat().st_size > 0 and (tmp_path / "model_imx500.onnx").stat().st_size > 0
+    if _has_converter() or os.environ.get("CI"):
+        assert re.search(r"^IMX500 package \(imxconv-pt\)\s+[\d.]+ MB of 8 MB \([\d.]+%\), fits in the chip",
+                         run.stdout, re.M), run.stdout
+        assert (tmp_path / "imx500" / "packerOut.zip").stat().st_size > 10_000
+    else:
+        assert "the IMX500 converter is not installed" in run.stdout
 
 
 def test_bad_tpc_path_is_one_line_and_status_2(tmp_path):
@@ -185,3 +206,17 @@ def test_quantize_on_an_image_folder(tmp_path, capsys):
                  "--quiet", "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["n_calib"] == 5 and report["onnx"]["QuantizeLinear"] >= 2
+
+
+def test_quantize_writes_the_imx500_file(tmp_path, capsys):
+    assert main(["quantize", "--model", "demo", "--calib", "random", "--n-calib", "64", "--quiet",
+                 "--format", "imx500", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["onnx"]["format"] == "imx500" and report["onnx"]["ActivationPOTQuantizer"] > 0
+    assert report["imx500"] is None  # no --convert
+    assert "(imx500)" in capsys.readouterr().out
+    assert main(["quantize", "--model", "demo", "--calib", "random", "--convert", "--out", str(tmp_path)]) == 2
+    assert "--convert runs the IMX500 converter: add --format imx500" in capsys.readouterr().err
+    assert main(["quantize", "--model", "demo", "--calib", "random", "--format", "imx500", "--convert",
+                 "--converter", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "imx500-converter[pt]" in capsys.readouterr().err and not (tmp_path / "x").exists()
