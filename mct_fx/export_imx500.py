@@ -31,11 +31,10 @@ from __future__ import annotations
 import collections
 import copy
 import logging
-import operator
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,12 +43,12 @@ from torch import Tensor, fx, nn
 
 from mct_fx.export_check import Agreement, ExportError, agreement, float_outputs, graph_outputs, output_step
 from mct_fx.export_check import run_onnxruntime as run_session
-from mct_fx.graph_utils import LAYERS, attr_value, layer_bias, set_layer_bias
-from mct_fx.kernels import fake_quant
+from mct_fx.graph_utils import LAYERS, attr_value
+from mct_fx.passes.explicit_shift import explicit_shift
 from mct_fx.quantizers.clamp import BoundedReLU
 from mct_fx.quantizers.lut import LutWeightQuantizer
 from mct_fx.quantizers.modules import ActivationQuantizer, FakeQuantizer, WeightQuantizer
-from mct_fx.quantizers.params import LUT_VALUE_BITS, QuantMethod, int_range, pot_threshold
+from mct_fx.quantizers.params import LUT_VALUE_BITS, QuantMethod
 from mct_fx.tpc.matching import annotation
 
 __all__ = ["export_imx500", "Imx500ExportResult", "MCTQ_DOMAIN", "reference_session_options"]
@@ -61,12 +60,9 @@ MCTQ_VERSION = "1.6.0"  # the mct-quantizers release imx500-converter 3.19 is bu
 OPSET = 20  # the converter takes opsets 15..20
 _MAX_IR_VERSION = 10  # the converter checks the file with onnx 1.17
 _LUT_EPS = 1e-8  # the LUT ops divide by (threshold + eps)
-_WIDE_BITS = 16  # the grid of a tensor the converter wants quantized where the GraphModule keeps it float
 # ops that move or select values without computing new ones: their output keeps the input's grid
 _PRESERVING = ("Dropout", "Identity", "Flatten", "Reshape", "Permute", "Transpose", "Squeeze", "Unsqueeze",
                "Expand", "GetItem", "SplitChunk", "Unstack", "MaxPool", "Pad", "ZeroPadding2D", "Cast")
-# ops between a shifted activation and the layers absorbing its shift (see passes/shift_negative.py)
-_SHIFT_PASSES = ("Dropout", "Identity", "Reshape", "Flatten", "MaxPool", "AvgPool")
 
 
 @dataclass(frozen=True)
@@ -119,28 +115,6 @@ class _MctqModule(nn.Module):
         return _Mctq.apply(x, self.op)
 
 
-class _ShiftPad(torch.autograd.Function):
-    """Constant padding with the shift: one ``Pad`` with constant pads in ONNX (``F.pad`` exports as a
-    shape computation the converter does not need)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, padding: tuple[int, ...], value: float) -> Tensor:  # noqa: ARG004
-        pads = [p for dim in reversed(padding) for p in (dim, dim)]
-        return F.pad(x, pads, value=value)
-
-    @staticmethod
-    def symbolic(g, x, padding: tuple[int, ...], value: float):
-        rank = 2 + len(padding)
-        pads = [0, 0, *padding] * 2  # ONNX: every dimension's begin, then every dimension's end
-        assert len(pads) == 2 * rank
-        return g.op("Pad", x, g.op("Constant", value_t=torch.tensor(pads, dtype=torch.int64)),
-                    g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32)), mode_s="constant")
-
-
-def _shift_pad(x: Tensor, padding: tuple[int, ...], value: float) -> Tensor:
-    return _ShiftPad.apply(x, padding, value)
-
-
 class _Clip(nn.Module):
     """``BoundedReLU`` as one ``Clip(0, bound)`` (it exports as Relu + Min, which the converter does not fuse)."""
 
@@ -156,27 +130,19 @@ def _version_attr() -> dict[str, object]:
     return {"mctq_version_s": MCTQ_VERSION}
 
 
-def _activation_op(q: ActivationQuantizer, where: str) -> tuple[_Op, float]:
-    """``ActivationPOTQuantizer`` for a frozen power-of-two grid, and the shift its zero point stands for."""
+def _activation_op(q: ActivationQuantizer, where: str) -> _Op:
+    """``ActivationPOTQuantizer`` for a frozen power-of-two grid without zero point."""
     if not q.affine:
         raise ExportError(f"{where}: look-up-table activations have no IMX500 op (quantize for 'imx500')")
     if q.method is not QuantMethod.POWER_OF_TWO:
         raise ExportError(f"{where}: a {q.method.value} activation grid has no IMX500 op (it takes power-of-two "
                           "grids only: quantize for the 'imx500' target)")
+    if float(q.zero_point) != 0:
+        raise ExportError(f"{where}: a grid with zero point {float(q.zero_point):g} has no IMX500 op")
     signed = q.qmin < 0
     threshold = float(q.scale) * 2 ** (q.n_bits - 1 if signed else q.n_bits)
-    zero_point = float(q.zero_point)
-    if signed and zero_point != 0:
-        raise ExportError(f"{where}: a signed grid with zero point {zero_point:g} has no IMX500 op")
-    scale = q.scale.detach().float().clone()
-    qmin, qmax = q.qmin, q.qmax
-
-    def compute(x: Tensor) -> Tensor:
-        return fake_quant(x, scale, torch.zeros_like(scale), qmin, qmax)
-
-    op = _Op("ActivationPOTQuantizer", {"threshold_f": threshold, "signed_i": int(signed), "num_bits_i": q.n_bits,
-                                        **_version_attr()}, (), compute)
-    return op, zero_point * float(scale)
+    return _Op("ActivationPOTQuantizer", {"threshold_f": threshold, "signed_i": int(signed), "num_bits_i": q.n_bits,
+                                          **_version_attr()}, (), q.forward)
 
 
 def _weight_op(q: WeightQuantizer, weight: Tensor, where: str) -> _Op:
@@ -274,78 +240,6 @@ def _check_bits_into_conv(gm: fx.GraphModule, qnode: fx.Node, q: ActivationQuant
             stack.extend(user.users)
 
 
-# ------------------------------------------------------------------ rewriting
-
-
-def _unshift(gm: fx.GraphModule, qnode: fx.Node, q: ActivationQuantizer, shift: float) -> None:
-    """``x + shift`` before ``qnode``, ``- shift`` folded into the layers reading it (bias, padding).
-
-    The converter quantizes every tensor, the one before the add too: it gets a signed 16-bit
-    power-of-two grid (as MCT's shift-negative correction does) wide enough that the 8-bit grid
-    after the add clips what it would clip; its step divides that grid's, so only values within
-    half a 16-bit step of an 8-bit rounding boundary can round differently.
-    """
-    top = float(q.scale) * 2**q.n_bits - shift
-    wide = _Op("ActivationPOTQuantizer", {"threshold_f": float(pot_threshold(torch.tensor(max(shift, top)))),
-                                          "signed_i": 1, "num_bits_i": _WIDE_BITS, **_version_attr()}, (), None)
-    wide_scale = torch.tensor(wide.attrs["threshold_f"] / 2 ** (_WIDE_BITS - 1))
-    qmin, qmax = int_range(_WIDE_BITS, True)
-    wide = replace(wide, compute=lambda x: fake_quant(x, wide_scale, torch.zeros(()), qmin, qmax))
-    name = f"{qnode.target}_wide"
-    gm.add_submodule(name, _MctqModule(wide))
-    with gm.graph.inserting_before(qnode):
-        before = gm.graph.call_module(name, (qnode.args[0],))
-        add = gm.graph.call_function(operator.add, (before, shift))
-    qnode.args = (add,)
-    stack = list(qnode.users)
-    while stack:
-        user = stack.pop()
-        if user.op == "call_function" and user.target in LAYERS:
-            _absorb_shift(gm, user, shift)
-            continue
-        if _op_of(user) not in _SHIFT_PASSES:
-            raise ExportError(f"quantizer {qnode.target!r}: its shifted grid reaches {user.name!r} "
-                              f"({_op_of(user)}), which cannot absorb the shift")
-        stack.extend(user.users)
-
-
-def _absorb_shift(gm: fx.GraphModule, layer: fx.Node, shift: float) -> None:
-    w_node = layer.args[1]
-    q = _quantizer(gm, w_node, WeightQuantizer)
-    weight = attr_value(gm, w_node.args[0] if q is not None else w_node)
-    with torch.no_grad():
-        w_q = q(weight) if q is not None else weight
-        delta = w_q.flatten(1).sum(1) * shift
-        bias = layer_bias(gm, layer)
-        set_layer_bias(gm, layer, (-delta if bias is None else bias - delta).detach())
-    if layer.target is F.linear:
-        return
-    padding = _explicit_padding(layer, w_q)
-    if any(padding):
-        with gm.graph.inserting_before(layer):
-            padded = gm.graph.call_function(_shift_pad, (layer.args[0], padding, shift))
-        args = list(layer.args)
-        args[0], args[4] = padded, tuple(0 for _ in padding)
-        layer.args = tuple(args)
-
-
-def _explicit_padding(layer: fx.Node, weight: Tensor) -> tuple[int, ...]:
-    """The symmetric zero padding per spatial dimension of a functional conv node."""
-    dims = weight.dim() - 2
-    padding = layer.args[4] if len(layer.args) > 4 else layer.kwargs.get("padding", 0)
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0,) * dims
-        dilation = layer.args[5] if len(layer.args) > 5 else 1
-        dilation = (dilation,) * dims if isinstance(dilation, int) else tuple(dilation)
-        total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True)]
-        if any(t % 2 for t in total):
-            raise ExportError(f"layer {layer.name!r}: padding='same' with an even kernel pads unevenly; "
-                              "the shift-negative correction cannot move into it")
-        return tuple(t // 2 for t in total)
-    return (padding,) * dims if isinstance(padding, int) else tuple(padding)
-
-
 def _imx500_ready(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, float], list[str]]:
     """A copy of ``qmodel`` whose quantizers export as ``mct_quantizers`` ops; the output step of each
     activation quantizer (by node name); the activation quantizers that were shifted."""
@@ -361,18 +255,18 @@ def _imx500_ready(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, flo
     _check_activations(gm)
     ops: dict[fx.Node, _Op] = {}
     steps: dict[str, float] = {}
-    shifted: list[str] = []
+    try:
+        shifted = explicit_shift(gm)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), BoundedReLU):
             gm.add_submodule(node.target, _Clip(gm.get_submodule(node.target).max_val))
         q = _quantizer(gm, node)
         where = f"quantizer {node.target!r}"
         if isinstance(q, ActivationQuantizer):
-            ops[node], shift = _activation_op(q, where)
+            ops[node] = _activation_op(q, where)
             steps[node.name] = float(q.scale)
-            if shift:
-                _unshift(gm, node, q, shift)
-                shifted.append(node.target)
         elif isinstance(q, WeightQuantizer):
             weight = attr_value(gm, node.args[0])
             if weight is None:

@@ -84,7 +84,7 @@ def test_shiftable_quantizers_follow_the_consumers():
     assert shiftable_quantizers(gm) == {"act_conv_act_quant"}
 
 
-def test_snc_improves_a_silu_network():
+def _silu_network() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.SiLU(),
                           nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.SiLU(),
@@ -93,6 +93,11 @@ def test_snc_improves_a_silu_network():
         if isinstance(m, nn.BatchNorm2d):  # wide pre-activation ranges: thresholds of 8, tails well under 5%
             m.weight.data.fill_(3.0)
     zoo.reestimate_bn(model, 16)
+    return model
+
+
+def test_snc_improves_a_silu_network():
+    model = _silu_network()
     calib, x = zoo.calibration(16, n_batches=4), zoo.evaluation(16, n=64)
     with torch.no_grad():
         ref = model(x)
@@ -103,3 +108,25 @@ def test_snc_improves_a_silu_network():
     shifted = [n for n, m in with_snc.named_modules() if isinstance(m, ActivationQuantizer) and m.zero_point != 0]
     assert shifted == ["_2_act_quant", "_5_act_quant"]
     assert gain > 1.0
+
+
+def test_explicit_shift_keeps_the_function():
+    """The add + unsigned grid + bias/padding form (for formats without zero points) computes what the
+    shifted grid does, up to values on a rounding boundary of the 16-bit grid before the add."""
+    import copy
+
+    from mct_fx.passes.explicit_shift import explicit_shift
+
+    model = _silu_network()
+    calib, x = zoo.calibration(16, n_batches=4), zoo.evaluation(16, n=64)
+    qmodel = mct_fx.quantize(model, calib, "imx500", verbose=False)
+    explicit = copy.deepcopy(qmodel)
+    assert explicit_shift(explicit) == ["_2_act_quant", "_5_act_quant"]
+    assert float(explicit._2_act_quant.zero_point) == 0 and explicit._2_act_quant_wide.n_bits == 16
+    assert float(qmodel._2_act_quant.zero_point) > 0  # the copy only
+    assert "pad" in explicit.code  # the next convs pad with the shift
+    with torch.no_grad():
+        ref, out = qmodel(x), explicit(x)
+    step = float(qmodel._6_act_quant.scale)
+    assert float(((out - ref).abs() <= step * 1.0001).float().mean()) >= 0.99
+    assert zoo.sqnr_db(ref, out) > 30
