@@ -59,8 +59,9 @@ def build(name: str) -> tuple[nn.Module, list[torch.Tensor], torch.Tensor, torch
     """``(model, calibration batches, evaluation images, labels or None)``, the same in both venvs."""
     torch.manual_seed(0)
     if name.startswith("fmnist_"):
-        import assets
         import train_fmnist
+
+        import assets
 
         model, _ = train_fmnist.load(name)
         x, _ = assets.fashion_mnist("train")
