@@ -164,7 +164,8 @@ def main() -> None:
     work_dir = tempfile.mkdtemp(prefix="imx500_bench_")
     results = {"mct_fx": peers.run_worker("mct_fx", "imx500", [args.models, work_dir]),
                "mct": peers.run_worker("mct", "imx500", [args.models, work_dir], args.mct_python)}
-    for name in args.models.split(","):
+    models = args.models.split(",")
+    for name in models:
         model, _, images, labels = build(name)
         for tool, rows in results.items():
             row = (rows or {}).get(name)
@@ -178,9 +179,42 @@ def main() -> None:
                 row.update(converts=False, error=f"convert: {str(e).split('; full log')[0][:400]}")
             row.update(fidelity(row["path"], model, images, labels))
             print(name, tool, {k: v for k, v in row.items() if k != "path"}, flush=True)
-    with open(args.json, "w") as f:
+        write(results, models, args.json)  # after each model: a long run leaves what it measured
+    print("\n" + markdown(results, models))
+
+
+def write(results: dict, models: list[str], path: str) -> None:
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"\nwrote {args.json}")
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(f"# IMX500: export + imxconv-pt, mct_fx beside MCT\n\n`python benchmarks/imx500.py` "
+                f"({time.strftime('%Y-%m-%d')}; fidelity on {N_EVAL} evaluation images, one at a time, "
+                "in onnxruntime with the mct-quantizers kernels, against the float model)\n\n"
+                + markdown(results, models))
+
+
+def markdown(results: dict, models: list[str]) -> str:
+    """One row per model and tool."""
+    def num(row, key, fmt):
+        return fmt.format(row[key]) if key in row else ""
+
+    lines = ["| model | tool | converts | quantize s | export s | convert s | packerOut.zip KB | chip memory | "
+             "file SQNR dB | top-1 vs float % | accuracy % (float) | error |", "|" + "---|" * 12]
+    for name in models:
+        for tool in ("mct_fx", "mct"):
+            row = (results.get(tool) or {}).get(name)
+            if row is None:
+                continue
+            accuracy = (f"{100 * row['accuracy']:.2f} ({100 * row['float_accuracy']:.2f})" if "accuracy" in row
+                        else "")
+            converts = {True: "yes", False: "no"}.get(row.get("converts"), "no")
+            lines.append(" | ".join([f"| {name}", tool, converts, num(row, "quantize_s", "{:.1f}"),
+                                     num(row, "export_s", "{:.1f}"), num(row, "convert_s", "{:.0f}"),
+                                     f"{row['zip_bytes'] / 1024:.0f}" if "zip_bytes" in row else "",
+                                     row.get("memory", ""), num(row, "sqnr_db", "{:.2f}"),
+                                     f"{100 * row['top1_agreement']:.1f}" if "top1_agreement" in row else "",
+                                     accuracy, row.get("error", "").replace("|", "/")]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__" and "--worker" not in sys.argv:
