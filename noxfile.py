@@ -39,7 +39,7 @@ def _mct_python(session: nox.Session) -> str:
     if not os.path.exists(python):
         session.run(sys.executable, "-m", "venv", MCT_VENV)
         session.run(python, "-m", "pip", "install", "-q", "torch==2.14.1", "torchvision==0.29.1",
-                    "model-compression-toolkit")
+                    "model-compression-toolkit", "onnx", "onnxruntime")  # onnx: MCT's exporter (imx500 bench)
     return python
 
 
