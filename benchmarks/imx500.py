@@ -184,8 +184,16 @@ def main() -> None:
 
 
 def write(results: dict, models: list[str], path: str) -> None:
+    """Merge this run's rows into the results file (rows of models not run here are kept), then the table."""
+    merged = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = json.load(f)
+    for tool, rows in results.items():
+        merged.setdefault(tool, {}).update({name: row for name, row in (rows or {}).items() if name in models})
     with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(merged, f, indent=2)
+    results, models = merged, [name for name in MODELS if any(name in rows for rows in merged.values())]
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write(f"# IMX500: export + imxconv-pt, mct_fx beside MCT\n\n`python benchmarks/imx500.py` "
                 f"({time.strftime('%Y-%m-%d')}; fidelity on {N_EVAL} evaluation images, one at a time, "
