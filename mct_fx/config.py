@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from mct_fx.meta import CONFIG as CONFIG_KEY
 from mct_fx.mixed_precision.config import MixedPrecisionConfig
 from mct_fx.quantizers.params import QuantMethod
 from mct_fx.quantizers.search import ErrorMethod
 
 __all__ = ["QuantConfig", "LayerOverride", "CONFIG_KEY"]
 
-CONFIG_KEY = "mct_fx.config"  # qmodel.meta: the QuantConfig a model was quantized with (analyses re-prepare with it)
 
 
 @dataclass(frozen=True)

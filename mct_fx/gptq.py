@@ -31,6 +31,7 @@ from mct_fx.config import QuantConfig
 from mct_fx.data import ModelInputs, batch_size, iter_batches, rebatch, to_device
 from mct_fx.graph_utils import attr_value, layer_bias, model_device, quantizer_nodes, replace_module, with_outputs
 from mct_fx.hessian import Granularity, HessianConfig, HessianService
+from mct_fx.meta import GPTQ
 from mct_fx.passes.align_pot import ALIGNMENT_KEY, apply_alignment
 from mct_fx.passes.layer_inputs import quantized_layers
 from mct_fx.ptq import SUMMARY_KEY, TPCLike, prepare, quantize
@@ -45,7 +46,7 @@ from mct_fx.tpc.builtin import get_tpc
 __all__ = ["GPTQConfig", "Rounding", "LossWeighting", "GPTQReport", "gptq", "GPTQ_KEY"]
 
 log = logging.getLogger("mct_fx")
-GPTQ_KEY = "mct_fx.gptq"
+GPTQ_KEY = GPTQ
 
 
 class Rounding(str, enum.Enum):

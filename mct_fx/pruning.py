@@ -33,6 +33,7 @@ from mct_fx.channel_sections import ChannelSections, find_sections, weight_axes
 from mct_fx.data import ModelInputs, batch_size, iter_batches, take_images, to_device
 from mct_fx.graph_utils import attr_value, model_device, placeholder_values, with_outputs
 from mct_fx.hessian import Granularity, HessianConfig, HessianService
+from mct_fx.meta import PRUNING
 from mct_fx.passes.functionalize import functionalize_layers
 from mct_fx.passes.prune_channels import prune_channels
 from mct_fx.resources import ResourceUtilization
@@ -45,7 +46,7 @@ __all__ = ["prune", "PruningConfig", "PruningInfo", "Importance", "LayerPruning"
            "PRUNING_KEY"]
 
 log = logging.getLogger("mct_fx")
-PRUNING_KEY = "mct_fx.pruning"
+PRUNING_KEY = PRUNING
 BYTES_PER_PARAM = 4  # the budget is on the float32 model
 
 

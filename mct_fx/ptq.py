@@ -15,6 +15,7 @@ from mct_fx.config import CONFIG_KEY, QuantConfig
 from mct_fx.data import CalibrationError, batch_size, iter_batches, loader_length, split_batch, take_images, to_device
 from mct_fx.graph_utils import model_device
 from mct_fx.hessian import Granularity, HessianService
+from mct_fx.meta import CORRECTION, SUMMARY
 from mct_fx.mixed_precision.corrections import expected_correction
 from mct_fx.mixed_precision.search import MixedPrecisionResult, MixedPrecisionSearch
 from mct_fx.passes.align_pot import ALIGNMENT_KEY, alignment_factors, apply_alignment
@@ -46,8 +47,7 @@ from mct_fx.trace import trace
 __all__ = ["prepare", "quantize", "SUMMARY_KEY"]
 
 log = logging.getLogger("mct_fx")
-SUMMARY_KEY = "mct_fx.summary"
-CORRECTION_KEY = "mct_fx.weight_correction"  # which weight-error correction the model kept
+SUMMARY_KEY, CORRECTION_KEY = SUMMARY, CORRECTION
 SECOND_MOMENT_BATCHES = 4  # calibration batches the second-moment correction measures on
 HMSE_IMAGES = 32  # calibration images the Hessian of the HMSE error method is estimated on
 SIMILARITY_BATCHES = 2  # calibration batches the TensorBoard per-layer similarity is measured on

@@ -23,6 +23,7 @@ from typing import Any
 from torch import fx, nn
 
 from mct_fx.config import CONFIG_KEY, QuantConfig
+from mct_fx.meta import QAT
 from mct_fx.ptq import SUMMARY_KEY, TPCLike, quantize
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
@@ -32,7 +33,7 @@ from mct_fx.tensorboard import TensorBoardLogger
 __all__ = ["QATConfig", "QATMethod", "qat_prepare", "qat_finalize", "QAT_KEY"]
 
 log = logging.getLogger("mct_fx")
-QAT_KEY = "mct_fx.qat"
+QAT_KEY = QAT
 
 
 class QATMethod(str, enum.Enum):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from torch import fx
 
-from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
+from mct_fx.meta import Role, quantizer_nodes_by_role
 from mct_fx.quantizers.modules import FakeQuantizer, WeightQuantizer
 from mct_fx.tpc.matching import annotation, describe_target, produces_float
 from mct_fx.tpc.vocabulary import LINEAR_OPS
@@ -61,13 +61,8 @@ def _describe(q: FakeQuantizer) -> str:
 
 def summarize(gm: fx.GraphModule, mixed_precision: MixedPrecisionResult | None = None) -> QuantSummary:
     """Summarise every annotated node of a prepared or quantized ``gm``."""
-    quantizers: dict[tuple[str, str], FakeQuantizer] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and QUANTIZED_FROM in node.meta:
-            q = gm.get_submodule(node.target)
-            kind = "act" if node.target.endswith("_act_quant") else "weight" if node.target.endswith(
-                "_weight_quant") else "bias"
-            quantizers[(node.meta[QUANTIZED_FROM], kind)] = q
+    quantizers: dict[tuple[str, Role], FakeQuantizer] = {
+        (record.node, record.role): gm.get_submodule(q.target) for q, record in quantizer_nodes_by_role(gm)}
     layers, unknown = [], []
     for node in gm.graph.nodes:
         ann = annotation(node)
@@ -77,8 +72,8 @@ def summarize(gm: fx.GraphModule, mixed_precision: MixedPrecisionResult | None =
             unknown.append(node.name)
         elif not (ann.float_output or node.op == "call_function" and ann.op in LINEAR_OPS):
             continue  # sizes, shapes, asserts: nothing to report
-        wq = quantizers.get((node.name, "weight"))
-        aq = quantizers.get((node.name, "act"))
+        wq = quantizers.get((node.name, Role.WEIGHT))
+        aq = quantizers.get((node.name, Role.ACTIVATION))
         weights = _describe(wq) if wq is not None else "-"
         if aq is not None:
             activation = _describe(aq)

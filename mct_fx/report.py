@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 from mct_fx.config import CONFIG_KEY
 from mct_fx.data import iter_batches, to_device
 from mct_fx.graph_utils import model_device
+from mct_fx.meta import Role, quantizer_nodes_by_role
 from mct_fx.passes.align_pot import ALIGNMENT_KEY, apply_alignment
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer, quantizers_off
@@ -274,12 +275,12 @@ class _Recorder(fx.Interpreter):
 def _taps(gm: fx.GraphModule, layers: Iterable[str]) -> dict[str, str]:
     """``{node to record: layer}``: a layer's activation quantizer when it has one, else the layer itself."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    by_target = {n.target: n.name for n in gm.graph.nodes if n.op == "call_module"}
+    quantizer = {record.node: q.name for q, record in quantizer_nodes_by_role(gm, Role.ACTIVATION)}
     taps = {}
     for layer in layers:
         if layer not in nodes:
             continue
-        taps[by_target.get(f"{layer}_act_quant", layer)] = layer
+        taps[quantizer.get(layer, layer)] = layer
     return taps
 
 
@@ -295,8 +296,7 @@ def _groups(rows: dict) -> dict[str, tuple[str, ...]]:
 
 def _layer_inputs(gm: fx.GraphModule, groups: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
     """For each layer (group), the compared layers whose (quantized) outputs it reads."""
-    quantized_from = {n.name: n.args[0].name for n in gm.graph.nodes
-                      if n.op == "call_module" and str(n.target).endswith("_act_quant") and n.args}
+    quantized_from = {q.name: record.node for q, record in quantizer_nodes_by_role(gm, Role.ACTIVATION)}
     owner = {m: name for name, members in groups.items() for m in (*members, name)}
     nodes = {n.name: n for n in gm.graph.nodes}
     out = {}

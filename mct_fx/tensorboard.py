@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from mct_fx.meta import Role, quantizer_nodes_by_role
 from mct_fx.quantizers.modules import ActivationQuantizer, FakeQuantizer, WeightQuantizer
 
 __all__ = ["TensorBoardLogger", "GRAPH_STAGES"]
@@ -81,6 +82,7 @@ class TensorBoardLogger:
         """Each activation quantizer's calibration histogram (call before the grids are frozen)."""
         if not self.enabled:
             return
+        tags = _tags(gm)
         for name, q in gm.named_modules():
             if not isinstance(q, ActivationQuantizer) or q.observer.empty:
                 continue
@@ -91,7 +93,7 @@ class TensorBoardLogger:
             width = float(centres[1] - centres[0])
             total = float(counts.sum())
             self.writer.add_histogram_raw(
-                f"calibration/{_node(name)}", min=float(q.observer.min), max=float(q.observer.max), num=total,
+                f"calibration/{tags.get(name, name)}", min=float(q.observer.min), max=float(q.observer.max), num=total,
                 sum=float((centres * counts).sum()), sum_squares=float((centres.square() * counts).sum()),
                 bucket_limits=(centres + width / 2).tolist(), bucket_counts=counts.tolist(), global_step=0)
 
@@ -100,16 +102,17 @@ class TensorBoardLogger:
         if not self.enabled:
             return
         rows = ["| quantizer | bits | method | grid |", "| --- | --- | --- | --- |"]
+        tags = _tags(gm)
         for name, q in gm.named_modules():
             if not isinstance(q, FakeQuantizer) or not q.calibrated or not q.affine:
                 continue
             lo, hi = q.grid_range()
             if isinstance(q, WeightQuantizer):
-                self.writer.add_histogram(f"weights/{_node(name)}/threshold", hi.detach().float().cpu(), 0)
+                self.writer.add_histogram(f"weights/{tags.get(name, name)}/threshold", hi.detach().float().cpu(), 0)
                 grid = (f"per-channel max {float(hi.max()):.4g}" if hi.numel() > 1
                         else f"{float(lo):.4g}..{float(hi):.4g}")
             else:
-                self.writer.add_scalar(f"threshold/{_node(name)}", float(hi.max()), 0)
+                self.writer.add_scalar(f"threshold/{tags.get(name, name)}", float(hi.max()), 0)
                 grid = f"{float(lo.min()):.4g}..{float(hi.max()):.4g}"
             rows.append(f"| {name} | {q.n_bits} | {q.method.value} | {grid} |")
         self.writer.add_text("thresholds", "\n".join(rows))
@@ -150,11 +153,10 @@ class TensorBoardLogger:
             self.writer.add_scalar(tag, float(value), step)
 
 
-def _node(module_name: str) -> str:
-    for suffix in ("_act_quant", "_weight_quant", "_bias_quant"):
-        if module_name.endswith(suffix):
-            return module_name[: -len(suffix)] + ("/bias" if suffix == "_bias_quant" else "")
-    return module_name
+def _tags(gm: fx.GraphModule) -> dict[str, str]:
+    """Quantizer module name -> the tag it is logged under: the node it serves (``/bias`` for a bias)."""
+    return {q.target: record.node + ("/bias" if record.role is Role.BIAS else "")
+            for q, record in quantizer_nodes_by_role(gm)}
 
 
 def _finite(v: float) -> float:

@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from mct_fx.config import CONFIG_KEY
 from mct_fx.graph_utils import attr_value
+from mct_fx.meta import SUMMARY, Role, quantizer_module, quantizer_node
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer
 from mct_fx.report import Comparison, LayerComparison, MetricLike, compare, jsonable, sqnr_db
@@ -149,11 +150,8 @@ def _fmt(v: float) -> str:
     return "inf" if v == math.inf else f"{v:.4g}"
 
 
-def _quantizer(gm: fx.GraphModule, name: str) -> FakeQuantizer | None:
-    try:
-        q = gm.get_submodule(name)
-    except AttributeError:
-        return None
+def _quantizer(gm: fx.GraphModule, node: str, role: Role = Role.ACTIVATION) -> FakeQuantizer | None:
+    q = quantizer_module(gm, node, role)
     return q if isinstance(q, FakeQuantizer) else None
 
 
@@ -184,7 +182,7 @@ def _or_wider(text: str, gm: fx.GraphModule, node: str) -> str:
 
 def _activationsqnr_db(gm: fx.GraphModule, row: LayerComparison) -> float | None:
     """SQNR (dB) of the layer's float values on its own activation grid: what that grid alone loses."""
-    quantizer = _quantizer(gm, f"{row.node}_act_quant")
+    quantizer = _quantizer(gm, row.node)
     if quantizer is None or not row.stats.sample or quantizer.scale.numel() != 1:
         return None
     values = torch.tensor(row.stats.sample, device=quantizer.scale.device)
@@ -194,10 +192,10 @@ def _activationsqnr_db(gm: fx.GraphModule, row: LayerComparison) -> float | None
 
 def _weightsqnr_db(gm: fx.GraphModule, node: str) -> float | None:
     """SQNR (dB) of a layer's kernel against its quantized self: how much the weight grid alone loses."""
-    quantizer = _quantizer(gm, f"{node}_weight_quant")
-    qnode = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == f"{node}_weight_quant"), None)
+    qnode = quantizer_node(gm, node, Role.WEIGHT)
+    quantizer = gm.get_submodule(qnode.target) if qnode is not None else None
     weight = attr_value(gm, qnode.args[0]) if qnode is not None and qnode.args else None
-    if quantizer is None or weight is None:
+    if not isinstance(quantizer, FakeQuantizer) or weight is None:
         return None
     with torch.no_grad():
         return sqnr_db(weight.detach(), quantizer(weight))
@@ -205,8 +203,9 @@ def _weightsqnr_db(gm: fx.GraphModule, node: str) -> float | None:
 
 def _low_bits(node: str, gm: fx.GraphModule, cfg: TroubleshootConfig, mixed: Any) -> list[Finding]:
     out = []
-    for kind, label, field in (("weight", "weights", "weights_n_bits"), ("act", "activations", "activation_n_bits")):
-        q = _quantizer(gm, f"{node}_{kind}_quant")
+    for role, label, field in ((Role.WEIGHT, "weights", "weights_n_bits"),
+                               (Role.ACTIVATION, "activations", "activation_n_bits")):
+        q = _quantizer(gm, node, role)
         if q is None or q.n_bits > cfg.low_bits:
             continue
         pin = f"LayerOverride(name='{node}', {field}=8)"
@@ -223,7 +222,7 @@ def _low_bits(node: str, gm: fx.GraphModule, cfg: TroubleshootConfig, mixed: Any
 def _clipping(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig, quant_config: Any) -> list[Finding]:
     """The activation grid cuts off values that carry much of the signal (a threshold search or z-score filter
     that traded the tail for resolution where the tail matters)."""
-    quantizer = _quantizer(gm, f"{row.node}_act_quant")
+    quantizer = _quantizer(gm, row.node)
     if quantizer is None or not row.stats.sample or quantizer.scale.numel() != 1 or not quantizer.affine:
         return []
     values = torch.tensor(row.stats.sample, device=quantizer.scale.device)
@@ -258,7 +257,7 @@ def _outliers(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig,
                                _or_wider("QuantConfig(activation_channel_equalization=True) (balances channels "
                                          "across layer -> ReLU -> layer)", gm, row.node),
                                change={"activation_channel_equalization": True}))
-    quantizer = _quantizer(gm, f"{row.node}_act_quant")
+    quantizer = _quantizer(gm, row.node)
     if s.std > 0 and quantizer is not None and s.sample:
         z = max(s.max - s.mean, s.mean - s.min) / s.std
         clipped = z_threshold is not None and z_threshold <= z  # the grid search already ignores them
@@ -282,7 +281,7 @@ def _outliers(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig,
 
 
 def _negative_tail(row: LayerComparison, gm: fx.GraphModule, cfg: TroubleshootConfig, config: Any) -> list[Finding]:
-    q = _quantizer(gm, f"{row.node}_act_quant")
+    q = _quantizer(gm, row.node)
     s = row.stats
     if q is None or not q.signed or not q.method.symmetric_grid or s.min >= 0 or s.max <= 0:
         return []
@@ -341,7 +340,7 @@ def _causes(row: LayerComparison, gm: fx.GraphModule, rows: dict[str, LayerCompa
             mixed: Any, quant_config: Any) -> list[Finding]:
     """Every known cause found at ``row`` (its own grid, bits and float values)."""
     found = [f for n in (*row.fused, row.node) for f in _low_bits(n, gm, cfg, mixed)]
-    if _quantizer(gm, f"{row.node}_act_quant") is not None:  # value checks only where values are quantized
+    if _quantizer(gm, row.node) is not None:  # value checks only where values are quantized
         clipped = _clipping(row, gm, cfg, quant_config)  # the tail matters here: no advice to clip more
         found += clipped or _outliers(row, gm, cfg, getattr(quant_config, "z_threshold", None))
     return found + _negative_tail(row, gm, cfg, quant_config) + _concat(row, gm, rows, cfg)
@@ -368,7 +367,7 @@ def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterabl
     rows = {r.node: r for r in comparison.layers}
     nodes = {n.name: n for n in qmodel.graph.nodes}
     quant_config = qmodel.meta.get(CONFIG_KEY)
-    summary = qmodel.meta.get("mct_fx.summary") or summarize(qmodel)
+    summary = qmodel.meta.get(SUMMARY) or summarize(qmodel)
     flagged = tuple(r.node for r in comparison.layers if _flag(r, rows, cfg))
     flagged_set = set(flagged)
     findings: list[Finding] = []

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from torch import fx, nn
 
 from mct_fx.config import CONFIG_KEY, LayerOverride, QuantConfig
+from mct_fx.meta import SUMMARY
 from mct_fx.report import output_sqnr
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def verify_findings(findings: Iterable[Finding], float_model: nn.Module, qmodel:
         return findings, None
     if not any(f.change is not None for f in findings):
         return findings, None
-    summary = qmodel.meta.get("mct_fx.summary")
+    summary = qmodel.meta.get(SUMMARY)
     budget = summary.mixed_precision.target if summary is not None and summary.mixed_precision else None
     from mct_fx.ptq import quantize
 

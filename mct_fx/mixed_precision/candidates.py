@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 
 from mct_fx.config import QuantConfig
 from mct_fx.graph_utils import attr_value
+from mct_fx.meta import Role, quantizer_nodes_by_role
 from mct_fx.passes.freeze import activation_freezer
 from mct_fx.passes.insert_quantizers import SIGNEDNESS as _SIGNED
 from mct_fx.passes.insert_quantizers import weight_quantizer
@@ -38,8 +39,10 @@ class Configurable:
     candidates: list[OpQuantConfig]
     weights: bool  # the choice changes the node's kernel quantizer
     activation: bool  # the choice changes the node's output quantizer
-    # per candidate index: the frozen quantizers to use ({"weight": module, "act": module}); base: the graph's own
-    quantizers: dict[int, dict[str, FakeQuantizer]] = field(default_factory=dict)
+    # the module names of the node's quantizers that the choice swaps, by role
+    targets: dict[Role, str] = field(default_factory=dict)
+    # per candidate index: the frozen quantizers to use, by role; base: the graph's own
+    quantizers: dict[int, dict[Role, FakeQuantizer]] = field(default_factory=dict)
 
     def key(self, config: OpQuantConfig) -> tuple:
         w = (config.kernel.method, config.kernel.n_bits, config.kernel.per_channel) if self.weights else None
@@ -75,17 +78,21 @@ def _readable_by_consumers(node: fx.Node, bits: int) -> bool:
 def configurable_nodes(gm: fx.GraphModule) -> list[Configurable]:
     """The configurable nodes of a prepared ``gm`` (quantizers inserted), in graph order."""
     out = []
-    children = dict(gm.named_children())
+    own: dict[str, dict[Role, str]] = {}
+    for q, record in quantizer_nodes_by_role(gm):
+        own.setdefault(record.node, {})[record.role] = q.target
     for node in gm.graph.nodes:
         ann = annotation(node)
         if ann is None or ann.options is None or len(ann.options.candidates) < 2 or ann.config is None:
             continue
         weights = _kernel_quantized(gm, node) and ann.config.kernel.enabled and "weights" not in ann.pinned
-        activation = (ann.quantize_output and f"{node.name}_act_quant" in children
-                      and "activation" not in ann.pinned)
+        targets = own.get(node.name, {})
+        activation = ann.quantize_output and Role.ACTIVATION in targets and "activation" not in ann.pinned
         if not (weights or activation):
             continue
-        entry = Configurable(node.name, [], weights, activation)
+        swapped = {role: targets[role] for role, on in ((Role.WEIGHT, weights), (Role.ACTIVATION, activation))
+                   if on and role in targets}
+        entry = Configurable(node.name, [], weights, activation, swapped)
         seen = set()
         for config in (ann.config, *ann.options.candidates):  # the current (base) one first
             if weights and not config.kernel.enabled:
@@ -125,7 +132,7 @@ class AlternativeQuantizers:
         self._observers: dict[str, ActivationQuantizer] = {}
         for e in entries:
             if e.activation:
-                self._observers[e.node] = copy.deepcopy(gm.get_submodule(f"{e.node}_act_quant"))
+                self._observers[e.node] = copy.deepcopy(gm.get_submodule(e.targets[Role.ACTIVATION]))
 
     def build(self, config: QuantConfig, importance: dict[str, Tensor] | None = None) -> None:
         """Freeze one quantizer per non-base candidate (weights from the tensors, activations from the copies).
@@ -137,7 +144,7 @@ class AlternativeQuantizers:
         for e in self.entries:
             node = nodes[e.node]
             for index, cand in enumerate(e.candidates[1:], start=1):
-                modules: dict[str, FakeQuantizer] = {}
+                modules: dict[Role, FakeQuantizer] = {}
                 if e.weights:
                     qnode = node.args[1]
                     base: WeightQuantizer = self.gm.get_submodule(qnode.target)
@@ -146,7 +153,7 @@ class AlternativeQuantizers:
                     q.to(weight.device).freeze(weight, annotation(node).error_methods.get(
                         "weights", config.weights_error_method), config.lp_norm,
                         importance=(importance or {}).get(e.node))
-                    modules["weight"] = q
+                    modules[Role.WEIGHT] = q
                 if e.activation:
                     observing = self._observers[e.node]
                     signed = _SIGNED[cand.signedness]
@@ -154,8 +161,8 @@ class AlternativeQuantizers:
                     q = cls(cand.activation_method, cand.activation_n_bits,
                             observing.signed if signed is None else signed).to(observing.scale.device)
                     q.observer = copy.deepcopy(observing.observer)
-                    freeze_activation(f"{e.node}_act_quant", q)
-                    modules["act"] = q
+                    freeze_activation(e.targets[Role.ACTIVATION], q)
+                    modules[Role.ACTIVATION] = q
                 e.quantizers[index] = modules
         self._observers.clear()
 
@@ -163,8 +170,8 @@ class AlternativeQuantizers:
 def swap(gm: nn.Module, entry: Configurable, index: int) -> dict[str, nn.Module]:
     """Put candidate ``index``'s quantizers into ``gm``; returns the modules they replaced."""
     replaced = {}
-    for kind, module in entry.quantizers.get(index, {}).items():
-        name = f"{entry.node}_{kind}_quant"
+    for role, module in entry.quantizers.get(index, {}).items():
+        name = entry.targets[role]
         replaced[name] = getattr(gm, name)
         setattr(gm, name, module)
     return replaced

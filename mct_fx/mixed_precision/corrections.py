@@ -26,6 +26,7 @@ from torch import Tensor, fx
 from mct_fx.config import QuantConfig
 from mct_fx.data import ModelInputs
 from mct_fx.graph_utils import attr_value, layer_bias
+from mct_fx.meta import Role
 from mct_fx.mixed_precision.candidates import Configurable
 from mct_fx.passes.bias_correction import correct_biases, output_shift
 from mct_fx.passes.layer_inputs import quantized_layers
@@ -86,7 +87,7 @@ class CandidateBiases:
         return {name: b for name in self.layers if (b := self._bias(name)) is not None}
 
     def use_candidate(self, entry: Configurable, index: int) -> None:
-        q = entry.quantizers.get(index, {}).get("weight")
+        q = entry.quantizers.get(index, {}).get(Role.WEIGHT)
         bias, mean = self._bias(entry.node) if entry.node in self.layers else None, self.means.get(entry.node)
         if q is None or bias is None or mean is None:
             return
@@ -151,7 +152,7 @@ class CandidateMoments:
                 continue
             fix = self.fixes[layer.name] = _Fix(attr_value(gm, qnode.args[0]), bias)
             entry = by_node.get(layer.name)
-            others = [] if entry is None else [(i, entry.quantizers.get(i, {}).get("weight"))
+            others = [] if entry is None else [(i, entry.quantizers.get(i, {}).get(Role.WEIGHT))
                                                for i in range(1, len(entry.candidates))]
             grids[layer] = [(0, q)] + [(i, c) for i, c in others if c is not None and c.axis == 0 and c.affine]
             with torch.no_grad():

@@ -148,7 +148,7 @@ class _Swap:
 
     def __init__(self, probe: fx.GraphModule, correction: CandidateCorrection, entry: Configurable, index: int):
         self.probe, self.correction, self.entry, self.index = probe, correction, entry, index
-        self.starts = tuple(f"{entry.node}_{kind}_quant" for kind in entry.quantizers.get(index, {}))
+        self.starts = tuple(entry.targets[role] for role in entry.quantizers.get(index, {}))
         self._replaced: dict = {}
 
     def apply(self) -> None:

@@ -24,8 +24,8 @@ from torch.utils._pytree import tree_leaves
 
 from mct_fx.data import ModelInputs
 from mct_fx.graph_utils import placeholder_values
+from mct_fx.meta import Role, quantizer_nodes_by_role
 from mct_fx.mixed_precision.config import DistanceWeighting, OutputDistance
-from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
 from mct_fx.quantizers.modules import quantizers_off
 from mct_fx.resources import example_batch_size, per_sample_numel, tensor_metas
 from mct_fx.tpc.matching import annotation
@@ -49,8 +49,7 @@ def interest_points(gm: fx.GraphModule) -> list[fx.Node]:
     """
     with_layer = {annotation(n).fused_into or n.name for n in gm.graph.nodes
                   if annotation(n) is not None and annotation(n).op in LINEAR_OPS}
-    return [n for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith("_act_quant")
-            and n.meta.get(QUANTIZED_FROM) in with_layer]
+    return [q for q, record in quantizer_nodes_by_role(gm, Role.ACTIVATION) if record.node in with_layer]
 
 
 def _storage_op(node: object) -> str | None:

@@ -26,6 +26,7 @@ from torch import fx
 
 from mct_fx.config import QuantConfig
 from mct_fx.graph_utils import LAYERS, SCALE_COMMUTING, attr_value, set_param
+from mct_fx.meta import ALIGNMENT
 from mct_fx.passes.freeze import error_method
 from mct_fx.passes.shift_negative import shiftable_quantizers
 from mct_fx.quantizers.clamp import BoundedReLU
@@ -37,7 +38,7 @@ from mct_fx.tpc.vocabulary import op_name
 
 __all__ = ["alignment_factors", "apply_alignment", "ALIGNMENT_KEY"]
 
-ALIGNMENT_KEY = "mct_fx.pot_alignment"
+ALIGNMENT_KEY = ALIGNMENT
 _HOMOGENEOUS = ("ReLU", "LeakyReLU", "PReLU")  # f(a x) = a f(x) for a > 0
 _SCALE_FREE = (QuantMethod.SYMMETRIC, QuantMethod.UNIFORM)
 _MIN_GAIN = 1e-3  # factors this close to 1 are not worth a rewrite

@@ -8,7 +8,7 @@ from torch import Tensor, fx
 
 from mct_fx.config import QuantConfig
 from mct_fx.graph_utils import attr_value, quantizer_nodes
-from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
+from mct_fx.meta import Role, quantized_node, role_of
 from mct_fx.passes.shift_negative import shiftable_quantizers
 from mct_fx.quantizers.modules import ActivationQuantizer, WeightQuantizer
 from mct_fx.quantizers.search import ErrorMethod
@@ -20,7 +20,7 @@ __all__ = ["freeze_quantizers", "activation_freezer", "error_method"]
 def error_method(nodes: dict[str, fx.Node], qnode: fx.Node | None, kind: str, default: ErrorMethod) -> ErrorMethod:
     """The error method of quantizer node ``qnode`` for ``kind`` ("activation" / "weights"): its source
     node's override, else ``default``.  ``nodes``: the graph's nodes by name."""
-    source = nodes.get(qnode.meta.get(QUANTIZED_FROM)) if qnode is not None else None
+    source = nodes.get(quantized_node(qnode)) if qnode is not None else None
     ann = annotation(source) if source is not None else None
     return ann.error_methods.get(kind, default) if ann is not None else default
 
@@ -67,6 +67,13 @@ def freeze_quantizers(gm: fx.GraphModule, config: QuantConfig,
         if weight is None:
             raise RuntimeError(f"weight quantizer {node.target!r} does not read a parameter")
         q.freeze(weight, error_method(nodes, node, "weights", config.weights_error_method), config.lp_norm,
-                 importance=(importance or {}).get(node.meta.get(QUANTIZED_FROM)) if node.target.endswith(
-                     "_weight_quant") else None)
+                 importance=_importance(node, importance))
     return gm
+
+
+def _importance(qnode: fx.Node, importance: dict[str, Tensor] | None) -> Tensor | None:
+    """The kernel-error weights of a kernel quantizer's layer (biases have none)."""
+    record = role_of(qnode)
+    if importance is None or record is None or record.role is not Role.WEIGHT:
+        return None
+    return importance.get(record.node)

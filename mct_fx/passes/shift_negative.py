@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import fx
 
 from mct_fx.graph_utils import LAYERS, quantizer_nodes
-from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
+from mct_fx.meta import quantized_node
 from mct_fx.quantizers.modules import ActivationQuantizer
 from mct_fx.tpc.matching import annotation
 
@@ -58,7 +58,7 @@ def shiftable_quantizers(gm: fx.GraphModule) -> set[str]:
     names = {n.name: n for n in gm.graph.nodes}
     out = set()
     for qnode, _ in quantizer_nodes(gm, ActivationQuantizer):
-        source = names.get(qnode.meta.get(QUANTIZED_FROM))
+        source = names.get(quantized_node(qnode))
         ann = annotation(source) if source is not None else None
         if ann is not None and ann.op in SNC_OPS and _absorbed(qnode, gm):
             out.add(qnode.target)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import fx
 
 from mct_fx.graph_utils import LAYERS, attr_value, param_source, quantizer_nodes, set_layer_bias
-from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
+from mct_fx.meta import quantized_node
 from mct_fx.quantizers.modules import ActivationQuantizer
 from mct_fx.tpc.matching import annotation
 
@@ -26,7 +26,7 @@ def shift_softmax_inputs(gm: fx.GraphModule) -> int:
     names = {n.name: n for n in gm.graph.nodes}
     shifted = 0
     for qnode, q in quantizer_nodes(gm, ActivationQuantizer):
-        layer = names.get(qnode.meta.get(QUANTIZED_FROM))
+        layer = names.get(quantized_node(qnode))
         if (layer is None or layer.op != "call_function" or layer.target not in LAYERS or q.mode != "observe"
                 or q.observer.empty or len(layer.users) != 1):
             continue

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import fx
 
 from mct_fx.graph_utils import quantizer_nodes
-from mct_fx.passes.insert_quantizers import QUANTIZED_FROM
+from mct_fx.meta import quantized_node
 from mct_fx.quantizers.modules import ActivationQuantizer
 from mct_fx.tpc.matching import annotation
 
@@ -29,7 +29,7 @@ def unify_concat_grids(gm: fx.GraphModule) -> int:
     names = {n.name: n for n in gm.graph.nodes}
     unified = 0
     for qnode, q in quantizer_nodes(gm, ActivationQuantizer):
-        concat = names.get(qnode.meta.get(QUANTIZED_FROM))
+        concat = names.get(quantized_node(qnode))
         if concat is None or annotation(concat) is None or annotation(concat).op != "Concatenate":
             continue
         if q.mode != "frozen":

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from mct_fx.meta import ANNOTATION
 from mct_fx.tpc.schema import OpQuantConfig, QuantConfigOptions, TargetPlatformCapabilities
 from mct_fx.tpc.vocabulary import op_name
 
 __all__ = ["Annotation", "annotate", "annotation", "is_float_tensor", "produces_float", "describe_target",
            "META_KEY"]
 
-META_KEY = "mct_fx"
+META_KEY = ANNOTATION
 
 
 @dataclass
