@@ -21,12 +21,13 @@ from mct_fx.hessian import Granularity, HessianConfig, HessianService
 from mct_fx.kernels import backend
 from mct_fx.mixed_precision import DistanceWeighting, MixedPrecisionConfig, OutputDistance
 from mct_fx.mixed_precision.solver import MixedPrecisionError
+from mct_fx.prepare import resource_utilization
 from mct_fx.pruning import Importance, PruningConfig, PruningInfo, prune
 from mct_fx.ptq import prepare, quantize, summary
 from mct_fx.qat import QATConfig, QATMethod, qat_finalize, qat_prepare
 from mct_fx.quantizers import ActivationQuantizer, ErrorMethod, QuantMethod, WeightQuantizer
 from mct_fx.report import Comparison, compare
-from mct_fx.resources import ResourceUtilization, resource_utilization
+from mct_fx.resources import ResourceUtilization
 from mct_fx.tpc import Signedness, TargetPlatformCapabilities, TPCError, get_tpc, load_tpc, save_tpc
 from mct_fx.trace import TraceError, trace
 from mct_fx.troubleshoot import TroubleshootConfig, TroubleshootReport, troubleshoot

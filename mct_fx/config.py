@@ -2,16 +2,75 @@
 
 from __future__ import annotations
 
+import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mct_fx.meta import CONFIG as CONFIG_KEY
-from mct_fx.mixed_precision.config import MixedPrecisionConfig
 from mct_fx.quantizers.params import QuantMethod
 from mct_fx.quantizers.search import ErrorMethod
 
-__all__ = ["QuantConfig", "LayerOverride", "CONFIG_KEY"]
+__all__ = ["QuantConfig", "LayerOverride", "MixedPrecisionConfig", "DistanceWeighting", "OutputDistance",
+           "HessianConfig", "CONFIG_KEY"]
 
+
+
+@dataclass(frozen=True)
+class HessianConfig:
+    """``max_iterations`` Rademacher draws at most per batch; stop earlier once the
+    running mean of the summed trace moves by less than ``tolerance`` (relative)
+    over one draw, after ``min_iterations``; ``seed`` makes the draws repeatable."""
+
+    max_iterations: int = 50
+    min_iterations: int = 10
+    tolerance: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.min_iterations <= self.max_iterations:
+            raise ValueError(f"need 1 <= min_iterations <= max_iterations, got {self.min_iterations}, "
+                             f"{self.max_iterations}")
+        if not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+
+
+class DistanceWeighting(str, enum.Enum):
+    """How interest-point distances combine: their mean; none (outputs only); weights ``1 - exp(-d / 0.1)``
+    (points that moved count more); the points' activation Hessian traces."""
+
+    AVG = "avg"
+    LAST_LAYER = "last_layer"
+    EXP = "exp"
+    HESSIAN = "hessian"
+
+
+class OutputDistance(str, enum.Enum):
+    AUTO = "auto"
+    MSE = "mse"
+    KL = "kl"
+    COSINE = "cosine"
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    """``n_images``: calibration images the sensitivities are measured on (the first ones);
+    ``distance_weighting``: how interest points combine (:class:`DistanceWeighting`);
+    ``output_distance``: distance on the model outputs (``auto``: KL after a softmax,
+    cosine after an L2 normalization, normalized MSE otherwise); ``refine``:
+    after the integer program, raise bits where the budget allows and sensitivity
+    does not grow; ``hessian``: estimator settings for Hessian weighting."""
+
+    n_images: int = 32
+    distance_weighting: DistanceWeighting = DistanceWeighting.AVG
+    output_distance: OutputDistance = OutputDistance.AUTO
+    refine: bool = True
+    hessian: HessianConfig = field(default_factory=HessianConfig)
+
+    def __post_init__(self):
+        object.__setattr__(self, "distance_weighting", DistanceWeighting(self.distance_weighting))
+        object.__setattr__(self, "output_distance", OutputDistance(self.output_distance))
+        if isinstance(self.n_images, bool) or not isinstance(self.n_images, int) or self.n_images < 1:
+            raise ValueError(f"MixedPrecisionConfig.n_images: expected a positive integer, got {self.n_images!r}")
 
 
 @dataclass(frozen=True)
@@ -36,21 +95,21 @@ class LayerOverride:
     def __post_init__(self):
         if self.name is None and self.op is None:
             raise ValueError("LayerOverride: give name= and/or op= to select nodes")
-        for field in ("activation_method", "activation_error_method", "weights_error_method"):
-            value = getattr(self, field)
+        for attr in ("activation_method", "activation_error_method", "weights_error_method"):
+            value = getattr(self, attr)
             if value is not None:
-                kind = QuantMethod if field == "activation_method" else ErrorMethod
+                kind = QuantMethod if attr == "activation_method" else ErrorMethod
                 try:
-                    object.__setattr__(self, field, kind(value))
+                    object.__setattr__(self, attr, kind(value))
                 except ValueError:
-                    raise ValueError(f"LayerOverride.{field}: unknown value {value!r}; "
+                    raise ValueError(f"LayerOverride.{attr}: unknown value {value!r}; "
                                      f"expected one of {[m.value for m in kind]}") from None
         if self.activation_error_method is ErrorMethod.HMSE:
             raise ValueError("LayerOverride.activation_error_method: HMSE applies to weights only")
-        for field in ("activation_n_bits", "weights_n_bits"):
-            bits = getattr(self, field)
+        for attr in ("activation_n_bits", "weights_n_bits"):
+            bits = getattr(self, attr)
             if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16):
-                raise ValueError(f"LayerOverride.{field}: expected a bit-width in 2..16, got {bits!r}")
+                raise ValueError(f"LayerOverride.{attr}: expected a bit-width in 2..16, got {bits!r}")
 
     def describe(self) -> str:
         sel = ", ".join(f"{k}={getattr(self, k)!r}" for k in ("name", "op") if getattr(self, k) is not None)

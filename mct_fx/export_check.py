@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, fx
 
+from mct_fx.measure import energy_ratio_db
 from mct_fx.quantizers.modules import quantizers_off
-from mct_fx.report import energy_ratio_db
 
 __all__ = ["ExportError", "Agreement", "agreement", "float_outputs", "graph_outputs", "output_step",
            "run_onnxruntime"]

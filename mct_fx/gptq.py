@@ -15,6 +15,7 @@ GraphModule: the same modules, ``state_dict`` keys and export as PTQ's.
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import math
@@ -32,9 +33,9 @@ from mct_fx.data import ModelInputs, batch_size, iter_batches, rebatch, to_devic
 from mct_fx.graph_utils import attr_value, layer_bias, model_device, quantizer_nodes, replace_module, with_outputs
 from mct_fx.hessian import Granularity, HessianConfig, HessianService
 from mct_fx.meta import GPTQ
-from mct_fx.passes.align_pot import ALIGNMENT_KEY, apply_alignment
 from mct_fx.passes.layer_inputs import quantized_layers
-from mct_fx.ptq import SUMMARY_KEY, TPCLike, prepare, quantize
+from mct_fx.prepare import TPCLike, float_reference
+from mct_fx.ptq import SUMMARY_KEY, quantize
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import ActivationQuantizer, FakeQuantizer
 from mct_fx.quantizers.params import QuantMethod
@@ -231,15 +232,11 @@ def gptq(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", conf
     device = model_device(model)
     batches = [to_device(b, device) for b in iter_batches(calib_loader, n_batches)]
     loader = [kwargs or args[0] for args, kwargs in batches]
-    teacher = prepare(model, loader[0], platform, replace(quant_config, log_dir=None), leaf_modules=leaf_modules,
-                      concrete_args=concrete_args)  # before quantize: with inplace=True, that edits the model
-    for q in teacher.modules():
-        if isinstance(q, FakeQuantizer):
-            q.mode = "off"
-    teacher.eval().requires_grad_(False)
+    float_model = copy.deepcopy(model) if inplace else model  # quantize(inplace=True) edits the model
     student = quantize(model, loader, platform, quant_config, target=target, inplace=inplace, verbose=verbose,
                        leaf_modules=leaf_modules, concrete_args=concrete_args)
-    apply_alignment(teacher, student.meta.get(ALIGNMENT_KEY, {}))  # the layer outputs compared: same scale
+    teacher = float_reference(float_model, loader[0], student, inplace=inplace)  # same graph, same alignment
+    teacher.eval().requires_grad_(False)
     trainables = Trainables(student, config)
     board = TensorBoardLogger(quant_config.log_dir)
     try:

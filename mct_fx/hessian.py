@@ -19,12 +19,12 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx
 from torch.utils._pytree import tree_leaves
 
+from mct_fx.config import HessianConfig  # re-exported: it was defined here
 from mct_fx.data import ModelInputs, iter_batches, to_device
 from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, model_device, param_source, placeholder_values
 from mct_fx.tpc.vocabulary import LINEAR_OPS, op_name
@@ -36,25 +36,6 @@ class Granularity(str, enum.Enum):
     PER_TENSOR = "per_tensor"
     PER_CHANNEL = "per_channel"
     PER_ELEMENT = "per_element"
-
-
-@dataclass(frozen=True)
-class HessianConfig:
-    """``max_iterations`` Rademacher draws at most per batch; stop earlier once the
-    running mean of the summed trace moves by less than ``tolerance`` (relative)
-    over one draw, after ``min_iterations``; ``seed`` makes the draws repeatable."""
-
-    max_iterations: int = 50
-    min_iterations: int = 10
-    tolerance: float = 1e-3
-    seed: int = 0
-
-    def __post_init__(self):
-        if not 1 <= self.min_iterations <= self.max_iterations:
-            raise ValueError(f"need 1 <= min_iterations <= max_iterations, got {self.min_iterations}, "
-                             f"{self.max_iterations}")
-        if not self.tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
 
 
 class HessianService:

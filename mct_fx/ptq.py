@@ -1,95 +1,54 @@
-"""Post-training quantization: ``prepare`` (trace, graph passes, quantizers) and ``quantize``."""
+"""Post-training quantization: ``quantize`` as a declared list of stages over one run state.
+
+The stages read like DESIGN.md's pipeline line; each says when it runs and
+which retained calibration data it reads, so what calibration keeps is
+computed from the list.  ``prepare`` (the front half) is :mod:`mct_fx.prepare`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import logging
-import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from torch import Tensor, fx, nn
 
 from mct_fx.config import CONFIG_KEY, QuantConfig
-from mct_fx.data import CalibrationError, batch_size, iter_batches, loader_length, split_batch, take_images, to_device
+from mct_fx.data import CalibrationError, ModelInputs, batch_size, iter_batches, loader_length, take_images, to_device
 from mct_fx.graph_utils import model_device
 from mct_fx.hessian import Granularity, HessianService
-from mct_fx.meta import CORRECTION, SUMMARY
+from mct_fx.meta import ALIGNMENT, CORRECTION, SUMMARY
 from mct_fx.mixed_precision.corrections import expected_correction
 from mct_fx.mixed_precision.search import MixedPrecisionResult, MixedPrecisionSearch
-from mct_fx.passes.align_pot import ALIGNMENT_KEY, alignment_factors, apply_alignment
-from mct_fx.passes.bias_correction import add_missing_biases
+from mct_fx.passes.align_pot import alignment_factors, apply_alignment
 from mct_fx.passes.calibrate import calibrate
-from mct_fx.passes.collapse_linear import collapse_linear_layers
-from mct_fx.passes.collapse_residual import collapse_residuals
-from mct_fx.passes.equalize_channels import equalize_channels
-from mct_fx.passes.fold_bn import fold_batchnorm
 from mct_fx.passes.freeze import freeze_quantizers
-from mct_fx.passes.functionalize import functionalize_layers
-from mct_fx.passes.insert_quantizers import insert_quantizers
 from mct_fx.passes.layer_inputs import observe_layer_inputs, quantized_layers, remove_observers
-from mct_fx.passes.overrides import apply_overrides
-from mct_fx.passes.relu_bound import bound_relus_to_power_of_two
 from mct_fx.passes.softmax_shift import shift_softmax_inputs
 from mct_fx.passes.unify_concat import unify_concat_grids
 from mct_fx.passes.weight_correction import BIAS, correct_weight_errors, has_low_bit_kernels, snapshot
+from mct_fx.prepare import TPCLike, prepare
 from mct_fx.quant_summary import QuantSummary, summarize
 from mct_fx.quantizers.modules import quantizers_off
 from mct_fx.quantizers.search import ErrorMethod
 from mct_fx.resources import ResourceUtilization
+from mct_fx.stages import Stage, retention, run_stages
 from mct_fx.tensorboard import TensorBoardLogger
 from mct_fx.tpc.builtin import get_tpc
-from mct_fx.tpc.matching import annotate, annotation, describe_target
+from mct_fx.tpc.matching import annotation
 from mct_fx.tpc.schema import TargetPlatformCapabilities
-from mct_fx.trace import trace
 
-__all__ = ["prepare", "quantize", "SUMMARY_KEY"]
+__all__ = ["prepare", "quantize", "summary", "STAGES", "SUMMARY_KEY", "TPCLike"]
 
 log = logging.getLogger("mct_fx")
 SUMMARY_KEY, CORRECTION_KEY = SUMMARY, CORRECTION
 SECOND_MOMENT_BATCHES = 4  # calibration batches the second-moment correction measures on
 HMSE_IMAGES = 32  # calibration images the Hessian of the HMSE error method is estimated on
 SIMILARITY_BATCHES = 2  # calibration batches the TensorBoard per-layer similarity is measured on
-TPCLike = str | os.PathLike | TargetPlatformCapabilities
-
-
-def prepare(model: nn.Module, example_batch: Any, tpc: TPCLike = "imx500", config: QuantConfig | None = None, *,
-            leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None,
-            inplace: bool = False) -> fx.GraphModule:
-    """Trace ``model``, fold BN, annotate from ``tpc`` and insert quantizers (observing, not yet calibrated).
-
-    ``example_batch`` is one item as a calibration loader yields it.  Loading a
-    quantized model's ``state_dict`` into the result reproduces that model.
-    """
-    target = get_tpc(tpc)
-    config = config or QuantConfig()
-    inputs = to_device(split_batch(example_batch, 0), model_device(model))
-    gm = trace(model, inputs, leaf_modules=leaf_modules,
-               concrete_args=concrete_args, inplace=inplace)
-    board = TensorBoardLogger(config.log_dir)
-    board.graph("1_traced", gm, inputs[0])
-    functionalize_layers(gm)
-    fold_batchnorm(gm)
-    if config.linear_collapsing:
-        collapse_linear_layers(gm)
-    if config.residual_collapsing:
-        collapse_residuals(gm)
-    if config.activation_channel_equalization:
-        equalize_channels(gm, inputs)
-    board.graph("2_passes", gm, inputs[0])
-    board.close()
-    unknown = annotate(gm, target)
-    for node in unknown:
-        log.info("node %s (%s): op not in the vocabulary, left float", node.name, describe_target(node, gm))
-    apply_overrides(gm, config.overrides)
-    if config.relu_bound_to_power_of_2:
-        bound_relus_to_power_of_two(gm)
-    insert_quantizers(gm)
-    if config.weights_bias_correction or config.weights_second_moment_correction or config.softmax_shift:
-        add_missing_biases(gm)  # the corrections write biases: a prepared model has the same state_dict keys
-    gm.meta["mct_fx.tpc"] = target.name
-    return gm
 
 
 def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", config: QuantConfig | None = None,
@@ -105,69 +64,145 @@ def quantize(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", 
     summary is ``mct_fx.summary(qmodel)`` (also in ``qmodel.meta["mct_fx.summary"]``).
     The user's model is not modified unless ``inplace=True``.
     """
-    config = config or QuantConfig()
     platform = get_tpc(tpc)  # fail on a bad target before touching any data
     batches = iter_batches(calib_loader, n_batches)
     first = next(batches, None)
     if first is None:  # pragma: no cover - iter_batches raises on an empty loader
         raise CalibrationError("the calibration loader yielded no batches")
-    args, kwargs = first
-    example = args[0] if args and not kwargs else kwargs
-    gm = prepare(model, example, platform, config, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                 inplace=inplace)
-    search = MixedPrecisionSearch(gm, target, config) if target is not None else None  # fails early on a bad budget
-    moments = config.weights_second_moment_correction
-    bias_correction = config.weights_bias_correction and moments is not True
-    observers = observe_layer_inputs(gm) if bias_correction else {}
-    total = n_batches or loader_length(calib_loader)
-    retained: list = []  # the first batches: for the second-moment pass and the mixed-precision sensitivities
-    stream = itertools.chain([first], batches)
-    # "auto" only acts below 8 bits (where the search may also put layers)
-    moment_batches = moments is True or (moments == "auto" and (search is not None or has_low_bit_kernels(gm)))
-    keep_batches = SECOND_MOMENT_BATCHES if moment_batches else 0
-    if config.log_dir is not None:
-        keep_batches = max(keep_batches, SIMILARITY_BATCHES)
-    keep_images = config.mixed_precision.n_images if search is not None else 0
-    hmse_layers = _hmse_layers(gm, config)
-    if hmse_layers:
-        keep_images = max(keep_images, HMSE_IMAGES)
+    run = _Run(model, platform, config or QuantConfig(), target, first, batches,
+               n_batches or loader_length(calib_loader), inplace, verbose, tuple(leaf_modules), concrete_args)
+    run_stages("mct_fx.quantize", STAGES, run)
+    log.info("quantized with %s on %d calibration batches\n%s", platform.name, run.n_calibrated, run.gm.meta[SUMMARY])
+    return run.gm
+
+
+@dataclass(eq=False)
+class _Run:
+    """What the stages of one ``quantize`` call read and hand each other."""
+
+    model: nn.Module
+    tpc: TargetPlatformCapabilities
+    config: QuantConfig
+    target: ResourceUtilization | None
+    first: ModelInputs  # the first calibration batch (already read: it is the tracing example)
+    rest: Iterator[ModelInputs]
+    total: int | None  # calibration batches, for the progress bar
+    inplace: bool
+    verbose: bool
+    leaf_modules: tuple
+    concrete_args: dict[str, Any] | None
+    gm: fx.GraphModule = None  # type: ignore[assignment]
+    search: MixedPrecisionSearch | None = None
+    observers: dict = field(default_factory=dict)  # layer input observers (bias correction)
+    retained: list[ModelInputs] = field(default_factory=list)  # the first calibration batches
+    n_calibrated: int = 0
+    input_means: dict[str, Tensor] = field(default_factory=dict)
+    importance: dict[str, Tensor] | None = None  # HMSE: per-element kernel error weights
+    mixed: MixedPrecisionResult | None = None
+
+    @cached_property
+    def moment_batches(self) -> bool:
+        """Whether the second-moment correction may run ("auto": only below 8 bits, where MP may also go)."""
+        moments = self.config.weights_second_moment_correction
+        return moments is True or (moments == "auto" and (self.search is not None or has_low_bit_kernels(self.gm)))
+
+    @cached_property
+    def hmse_layers(self) -> list[str]:
+        return _hmse_layers(self.gm, self.config)
+
+    @cached_property
+    def board(self) -> TensorBoardLogger:
+        return TensorBoardLogger(self.config.log_dir)
+
+    @cached_property
+    def kept(self) -> list[ModelInputs]:
+        """The batches the second-moment correction measures on (none when it cannot run)."""
+        device = model_device(self.gm)
+        return [to_device(b, device) for b in self.retained[:SECOND_MOMENT_BATCHES]] if self.moment_batches else []
+
+
+def _prepare(r: _Run) -> None:
+    example = r.first[0][0] if r.first[0] and not r.first[1] else r.first[1]
+    r.gm = prepare(r.model, example, r.tpc, r.config, leaf_modules=r.leaf_modules, concrete_args=r.concrete_args,
+                   inplace=r.inplace)
+
+
+def _calibrate(r: _Run) -> None:
+    keep_batches, keep_images = retention(STAGES, r)
+    stream = itertools.chain([r.first], r.rest)
     if keep_batches or keep_images:
-        stream = _keep_first(stream, retained, keep_batches, keep_images)
-    n = calibrate(gm, stream, verbose=verbose, total=total)
-    board = TensorBoardLogger(config.log_dir)
-    board.calibration(gm)
-    input_means = {name: obs.mean() for name, obs in observers.items()}
-    remove_observers(gm)
-    if config.power_of_two_alignment:
-        gm.meta[ALIGNMENT_KEY] = alignment_factors(gm, config)
-        for name, factor in apply_alignment(gm, gm.meta[ALIGNMENT_KEY]).items():
-            if name in input_means:
-                input_means[name] = input_means[name] * factor
-    if config.softmax_shift:
-        shift_softmax_inputs(gm)
-    if search is not None:
-        search.keep_histograms()
-    device = model_device(gm)
-    importance = None
-    if hmse_layers:
-        with quantizers_off(gm):
-            service = HessianService.from_model_inputs(gm, take_images(retained, HMSE_IMAGES))
-            importance = service.weights(hmse_layers, Granularity.PER_ELEMENT)
-    freeze_quantizers(gm, config, importance)
-    kept = [to_device(b, device) for b in retained[:SECOND_MOMENT_BATCHES]] if moment_batches else []
-    mixed = None
-    if search is None:
-        gm.meta[CORRECTION_KEY] = _finish(gm, kept, input_means, config)
-    else:
-        images = [to_device(b, device) for b in take_images(retained, config.mixed_precision.n_images)]
-        mixed, gm.meta[CORRECTION_KEY] = _search(gm, search, images, kept, input_means, config, verbose, importance)
-    summary = summarize(gm, mixed)
-    gm.meta[SUMMARY_KEY] = summary
-    gm.meta[CONFIG_KEY] = config  # mct_fx.compare prepares the float model the same way
-    if board.enabled:
-        _log_result(board, model, gm, retained[:SIMILARITY_BATCHES], mixed, inplace)
-    log.info("quantized with %s on %d calibration batches\n%s", gm.meta["mct_fx.tpc"], n, summary)
-    return gm
+        stream = _keep_first(stream, r.retained, keep_batches, keep_images)
+    r.n_calibrated = calibrate(r.gm, stream, verbose=r.verbose, total=r.total)
+
+
+def _remove_observers(r: _Run) -> None:
+    r.input_means = {name: obs.mean() for name, obs in r.observers.items()}
+    remove_observers(r.gm)
+
+
+def _align(r: _Run) -> None:
+    r.gm.meta[ALIGNMENT] = alignment_factors(r.gm, r.config)
+    for name, factor in apply_alignment(r.gm, r.gm.meta[ALIGNMENT]).items():
+        if name in r.input_means:
+            r.input_means[name] = r.input_means[name] * factor
+
+
+def _hessians(r: _Run) -> None:
+    with quantizers_off(r.gm):
+        service = HessianService.from_model_inputs(r.gm, take_images(r.retained, HMSE_IMAGES))
+        r.importance = service.weights(r.hmse_layers, Granularity.PER_ELEMENT)
+
+
+def _mixed_precision(r: _Run) -> None:
+    device = model_device(r.gm)
+    images = [to_device(b, device) for b in take_images(r.retained, r.config.mixed_precision.n_images)]
+    r.mixed, r.gm.meta[CORRECTION] = _search(r.gm, r.search, images, r.kept, r.input_means, r.config, r.verbose,
+                                             r.importance)
+
+
+def _summarize(r: _Run) -> None:
+    r.gm.meta[SUMMARY] = summarize(r.gm, r.mixed)
+    r.gm.meta[CONFIG_KEY] = r.config  # mct_fx.compare prepares the float model the same way
+
+
+def _moments(r: _Run) -> int:
+    return SECOND_MOMENT_BATCHES if r.moment_batches else 0
+
+
+def _mp(r: _Run) -> bool:
+    return r.search is not None
+
+
+def _no_mp(r: _Run) -> bool:
+    return r.search is None
+
+
+# DESIGN.md's pipeline, in order: (name, run, when, retained batches / images read)
+STAGES: tuple[Stage[_Run], ...] = (
+    Stage("prepare", _prepare),
+    Stage("mixed precision: plan", lambda r: setattr(r, "search", MixedPrecisionSearch(r.gm, r.target, r.config)),
+          when=lambda r: r.target is not None),  # configurable nodes, cost model, feasibility: before calibration
+    Stage("observe layer inputs", lambda r: setattr(r, "observers", observe_layer_inputs(r.gm)),
+          when=lambda r: r.config.weights_bias_correction and r.config.weights_second_moment_correction is not True),
+    Stage("calibrate", _calibrate),
+    Stage("tensorboard: calibration", lambda r: r.board.calibration(r.gm), when=lambda r: r.board.enabled),
+    Stage("remove input observers", _remove_observers),
+    Stage("power-of-two alignment", _align, when=lambda r: r.config.power_of_two_alignment),
+    Stage("softmax shift", lambda r: shift_softmax_inputs(r.gm), when=lambda r: r.config.softmax_shift),
+    Stage("mixed precision: keep histograms", lambda r: r.search.keep_histograms(), when=_mp),
+    Stage("HMSE: weight Hessians", _hessians, when=lambda r: bool(r.hmse_layers), images=lambda r: HMSE_IMAGES),
+    Stage("freeze", lambda r: freeze_quantizers(r.gm, r.config, r.importance)),
+    Stage("mixed precision: search", _mixed_precision, when=_mp, batches=_moments,  # + concat, correction
+          images=lambda r: r.config.mixed_precision.n_images),
+    Stage("concat unification", lambda r: unify_concat_grids(r.gm),
+          when=lambda r: _no_mp(r) and r.config.concat_threshold_update),
+    Stage("weight correction", lambda r: r.gm.meta.__setitem__(CORRECTION, correct_weight_errors(
+        r.gm, r.kept, r.input_means, r.config)), when=_no_mp, batches=_moments),
+    Stage("summary", _summarize),
+    Stage("tensorboard: result", lambda r: _log_result(r.board, r.model, r.gm, r.retained[:SIMILARITY_BATCHES],
+                                                        r.mixed, r.inplace),
+          when=lambda r: r.board.enabled, batches=lambda r: SIMILARITY_BATCHES),
+)
 
 
 def _finish(gm: fx.GraphModule, kept: list, input_means: dict[str, Tensor], config: QuantConfig) -> str:

@@ -14,18 +14,17 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
-from torch.utils._pytree import tree_leaves
 
-from mct_fx.config import CONFIG_KEY
 from mct_fx.data import iter_batches, to_device
 from mct_fx.graph_utils import model_device
+from mct_fx.measure import Accumulator, energy_ratio_db, flat_outputs, format_value, jsonable, run_recorded, sqnr_db
 from mct_fx.meta import Role, quantizer_nodes_by_role
-from mct_fx.passes.align_pot import ALIGNMENT_KEY, apply_alignment
+from mct_fx.prepare import float_reference
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer, quantizers_off
 
@@ -105,9 +104,9 @@ class Comparison:
             metrics = self.output if r is None else r.metrics
             validation = self.output_validation if r is None else r.validation
             cells = ["(output)", "", "", ""] if r is None else [r.node, r.op, r.weights, r.activation]
-            cells += [_fmt(metrics[m]) for m in self.metrics]
+            cells += [format_value(metrics[m]) for m in self.metrics]
             if len(head) > len(cells):
-                cells += [_fmt(validation[m]) if validation else "" for m in self.metrics]
+                cells += [format_value(validation[m]) if validation else "" for m in self.metrics]
             rows.append(cells)
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -115,80 +114,7 @@ class Comparison:
         return f"reference: {self.reference}\n" + "\n".join(lines)
 
 
-def _fmt(v: float) -> str:
-    return "inf" if v == math.inf else f"{v:.4g}"
-
-
-def jsonable(obj: Any) -> Any:
-    """JSON has no infinity: +-inf become the strings "inf" / "-inf"."""
-    if isinstance(obj, float) and math.isinf(obj):
-        return "inf" if obj > 0 else "-inf"
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    return obj
-
-
 # ------------------------------------------------------------------ metrics
-
-
-def energy_ratio_db(signal: float, noise: float) -> float:
-    """``10 log10(signal / noise)``; infinite when there is no noise."""
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
-
-
-def sqnr_db(ref: Tensor, out: Tensor) -> float:
-    """SQNR (dB) of ``out`` against ``ref``."""
-    r = ref.float()
-    return energy_ratio_db(float(r.square().sum()), float((out.float() - r).square().sum()))
-
-
-def _flat_outputs(output: Any) -> Tensor:
-    """Every tensor of a model output as one ``[batch, values]`` matrix."""
-    return torch.cat([t.reshape(t.shape[0] if t.dim() else 1, -1) for t in tree_leaves(output)
-                      if isinstance(t, Tensor)], 1)
-
-
-class _Accumulator:
-    """Sums over batches for one layer: signal and noise energy, cosine per sample, custom means."""
-
-    def __init__(self, customs: dict[str, Callable]):
-        self.signal = self.noise = self.cos_sum = 0.0  # become device tensors: no host sync per update
-        self.count = self.samples = self.batches = 0
-        self.custom = {name: 0.0 for name in customs}
-        self.customs = customs
-
-    def update(self, ref: Tensor, q: Tensor) -> None:
-        r, qf = ref.detach().float(), q.detach().float()  # elementwise in float32, sums in float64
-        rows_r = r.reshape(r.shape[0], -1) if r.dim() else r.reshape(1, 1)
-        rows_q = qf.reshape(rows_r.shape)
-        sq_r = rows_r.square().sum(1, dtype=torch.float64)
-        sq_q = rows_q.square().sum(1, dtype=torch.float64)
-        dot = (rows_r * rows_q).sum(1, dtype=torch.float64)
-        self.signal = self.signal + sq_r.sum()
-        self.noise = self.noise + (rows_q - rows_r).square().sum(dtype=torch.float64)
-        self.count += r.numel()
-        same = (rows_r == rows_q).all(1)  # zero vectors included: identical is cosine 1
-        cos = torch.where(same, torch.ones_like(dot), dot / (sq_r * sq_q).sqrt().clamp_min(1e-300))
-        self.cos_sum = self.cos_sum + cos.sum()
-        self.samples += cos.numel()
-        self.batches += 1
-        for name, fn in self.customs.items():
-            self.custom[name] += float(fn(ref, q))
-
-    def result(self, names: Sequence[str]) -> dict[str, float]:
-        out = {}
-        for name in names:
-            if name == "sqnr":
-                out[name] = energy_ratio_db(float(self.signal), float(self.noise))
-            elif name == "mse":
-                out[name] = float(self.noise) / max(self.count, 1)
-            elif name == "cosine":
-                out[name] = float(self.cos_sum) / max(self.samples, 1)
-            else:
-                out[name] = self.custom[name] / max(self.batches, 1)
-        return out
 
 
 class _Stats:
@@ -254,24 +180,6 @@ def _badness(row_metrics: dict[str, float], name: str) -> float:
     return -v if HIGHER_IS_BETTER.get(name, False) else v
 
 
-# ------------------------------------------------------------------- graphs
-
-
-class _Recorder(fx.Interpreter):
-    """Runs a graph and hands the named nodes' outputs to ``sink(layer, tensor)`` as they appear."""
-
-    def __init__(self, gm: fx.GraphModule, taps: dict[str, str], sink: Callable[[str, Tensor], None]):
-        super().__init__(gm)
-        self.taps, self.sink = taps, sink
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        layer = self.taps.get(n.name)
-        if layer is not None and isinstance(out, Tensor):
-            self.sink(layer, out)
-        return out
-
-
 def _taps(gm: fx.GraphModule, layers: Iterable[str]) -> dict[str, str]:
     """``{node to record: layer}``: a layer's activation quantizer when it has one, else the layer itself."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -314,35 +222,21 @@ def _layer_inputs(gm: fx.GraphModule, groups: dict[str, tuple[str, ...]]) -> dic
 def _reference(float_model: nn.Module, qmodel: fx.GraphModule, example: Any,
                taps: dict[str, str]) -> tuple[fx.GraphModule, str]:
     """The float graph to compare against, and what it is."""
-    from mct_fx.ptq import prepare  # a workflow of the same layer: imported when used
-
-    config, tpc = qmodel.meta.get(CONFIG_KEY), qmodel.meta.get("mct_fx.tpc")
-    if config is not None and tpc is not None:
-        try:
-            ref = prepare(float_model, example, tpc, replace(config, log_dir=None))
-            apply_alignment(ref, qmodel.meta.get(ALIGNMENT_KEY, {}))
-        except Exception:  # noqa: BLE001 - any failure: fall back to the quantizers-off twin below
-            ref = None
-        if ref is not None and set(taps) <= {n.name for n in ref.graph.nodes}:
-            return ref, "float model (prepared again: same passes and node names, quantizers off)"
+    try:
+        ref = float_reference(float_model, example, qmodel)
+    except Exception:  # noqa: BLE001 - any failure: fall back to the quantizers-off twin below
+        ref = None
+    if ref is not None and set(taps) <= {n.name for n in ref.graph.nodes}:
+        return ref, "float model (prepared again: same passes and node names, quantizers off)"
     return copy.deepcopy(qmodel), "quantized model with its quantizers off (the float model could not be aligned)"
-
-
-def _run(gm: fx.GraphModule, taps: dict[str, str], inputs: Any, sink: Callable[[str, Tensor], None]) -> Any:
-    args, kwargs = inputs
-    if kwargs:
-        placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        args = (*args, *(kwargs[p] for p in placeholders[len(args):] if p in kwargs))
-    with torch.no_grad():
-        return _Recorder(gm, taps, sink).run(*args)
 
 
 def _measure(ref: fx.GraphModule, qmodel: fx.GraphModule, taps: dict[str, str], ref_taps: dict[str, str],
              loader: Iterable, n_batches: int | None, names: tuple[str, ...], customs: dict[str, Callable],
              stats: dict[str, _Stats] | None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     device = model_device(qmodel)
-    acc = {layer: _Accumulator(customs) for layer in taps.values()}
-    out_acc = _Accumulator(customs)
+    acc = {layer: Accumulator(customs) for layer in taps.values()}
+    out_acc = Accumulator(customs)
     float_values: dict[str, Tensor] = {}  # this batch's float outputs, until the quantized run scores them
 
     def keep(layer: str, t: Tensor) -> None:
@@ -359,21 +253,21 @@ def _measure(ref: fx.GraphModule, qmodel: fx.GraphModule, taps: dict[str, str], 
         inputs = to_device(inputs, device)
         float_values.clear()
         with quantizers_off(ref):
-            ref_out = _run(ref, ref_taps, inputs, keep)
-        q_out = _run(qmodel, taps, inputs, score)
-        out_acc.update(_flat_outputs(ref_out), _flat_outputs(q_out))
+            ref_out = run_recorded(ref, ref_taps, inputs, keep)
+        q_out = run_recorded(qmodel, taps, inputs, score)
+        out_acc.update(flat_outputs(ref_out), flat_outputs(q_out))
     return {layer: a.result(names) for layer, a in acc.items() if a.batches}, out_acc.result(names)
 
 
 def output_sqnr(float_model: nn.Module, qmodel: nn.Module, loader: Iterable, n_batches: int | None = None) -> float:
     """SQNR (dB) of ``qmodel``'s output against ``float_model``'s over ``loader`` (all output tensors)."""
-    acc = _Accumulator({})
+    acc = Accumulator({})
     device = model_device(qmodel)
     for inputs in iter_batches(loader, n_batches):
         args, kwargs = to_device(inputs, device)
         with torch.no_grad():
             ref, out = float_model(*args, **kwargs), qmodel(*args, **kwargs)
-        acc.update(_flat_outputs(ref), _flat_outputs(out))
+        acc.update(flat_outputs(ref), flat_outputs(out))
     return acc.result(("sqnr",))["sqnr"]
 
 

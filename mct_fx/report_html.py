@@ -9,7 +9,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mct_fx.troubleshoot import TroubleshootReport
+    from mct_fx.troubleshoot_types import TroubleshootReport
 
 __all__ = ["render_html", "MAX_LAYER_PLOTS"]
 

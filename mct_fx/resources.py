@@ -19,20 +19,18 @@ terms, :meth:`CostModel.evaluate` sums them for one choice.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 from torch import fx, nn
 
 from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, param_source
 from mct_fx.tpc.matching import annotation
-from mct_fx.tpc.schema import OpQuantConfig, TargetPlatformCapabilities
+from mct_fx.tpc.schema import OpQuantConfig
 from mct_fx.tpc.vocabulary import LINEAR_OPS
 
-__all__ = ["ResourceUtilization", "CostModel", "resource_utilization", "float_weights_memory", "weight_bits",
+__all__ = ["ResourceUtilization", "CostModel", "float_weights_memory", "weight_bits",
            "activation_bits", "tensor_metas", "per_sample_numel", "example_batch_size"]
 
 FLOAT_BITS = 32
@@ -270,21 +268,3 @@ def per_sample_numel(tm: object, batch: int) -> int:
 def float_weights_memory(model: nn.Module) -> int:
     """Bytes of ``model``'s parameters in float32 (what a weights budget fraction is a fraction of)."""
     return 4 * sum(p.numel() for p in model.parameters())
-
-
-def resource_utilization(model: nn.Module, example_input: Any = None,
-                         tpc: str | os.PathLike | TargetPlatformCapabilities = "imx500", config: Any = None,
-                         **prepare_kwargs: Any) -> ResourceUtilization:
-    """Utilization of ``model`` quantized for ``tpc`` at the target's default bit-widths, per sample.
-
-    A GraphModule that ``mct_fx`` quantized (or prepared) is measured as it is,
-    with the bit-widths it was given (``example_input`` and ``tpc`` unused).
-    """
-    if isinstance(model, fx.GraphModule) and any(annotation(n) is not None for n in model.graph.nodes):
-        return CostModel(model).evaluate()
-    if example_input is None:
-        raise ValueError("resource_utilization: an example_input is needed to measure a model that mct_fx has "
-                         "not prepared")
-    from mct_fx.ptq import prepare  # workflows sit above analyses; only this convenience entry needs one
-
-    return CostModel(prepare(model, example_input, tpc, config, **prepare_kwargs)).evaluate()

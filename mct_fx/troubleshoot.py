@@ -16,12 +16,11 @@ self-contained ``report.html`` (:mod:`mct_fx.report_html`) when given a folder.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,126 +28,15 @@ from torch import fx, nn
 
 from mct_fx.config import CONFIG_KEY
 from mct_fx.graph_utils import attr_value
+from mct_fx.measure import format_value, sqnr_db
 from mct_fx.meta import SUMMARY, Role, quantizer_module, quantizer_node
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer
-from mct_fx.report import Comparison, LayerComparison, MetricLike, compare, jsonable, sqnr_db
+from mct_fx.report import LayerComparison, MetricLike, compare
 from mct_fx.tpc.matching import annotation, describe_target
+from mct_fx.troubleshoot_types import CAUSES, INHERIT_DB, Finding, TroubleshootConfig, TroubleshootReport
 
 __all__ = ["troubleshoot", "TroubleshootConfig", "TroubleshootReport", "Finding", "CAUSES"]
-
-CAUSES = ("low bit-width", "clipping", "outlier channel", "outliers", "negative tail", "unbalanced concat",
-          "unknown op", "inherited", "unexplained")
-INHERIT_DB = 3.0  # a flagged layer within this many dB of a flagged input carries that input's loss
-
-
-@dataclass(frozen=True)
-class TroubleshootConfig:
-    """Thresholds of the troubleshooter.
-
-    A layer is flagged when its SQNR is below ``sqnr_db``, its cosine below
-    ``cosine``, or its SQNR is ``drop_db`` below the worst of its inputs' while
-    under ``sqnr_db + drop_db``.
-    Causes: activations reaching ``outlier_z`` standard deviations from the mean;
-    a channel ``channel_ratio`` times wider than the median channel; a negative
-    tail at most ``negative_tail_ratio`` of the positive range on a signed grid;
-    concatenated inputs whose ranges differ ``concat_ratio`` times; weights or
-    activations of at most ``low_bits`` bits; an activation grid whose clipping
-    alone leaves an SQNR below ``clip_sqnr_db``.
-    """
-
-    sqnr_db: float = 20.0
-    cosine: float = 0.99
-    drop_db: float = 10.0
-    outlier_z: float = 12.0
-    channel_ratio: float = 8.0
-    negative_tail_ratio: float = 0.25
-    concat_ratio: float = 4.0
-    low_bits: int = 4
-    clip_sqnr_db: float = 30.0
-    max_verify: int = 6  # distinct knobs ``verify=True`` tries (one quantization each)
-
-    def __post_init__(self):
-        for name in ("drop_db", "outlier_z", "channel_ratio", "concat_ratio"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"TroubleshootConfig.{name} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.negative_tail_ratio < 1:
-            raise ValueError(f"TroubleshootConfig.negative_tail_ratio must be in (0, 1), "
-                             f"got {self.negative_tail_ratio}")
-        if not -1 <= self.cosine <= 1:
-            raise ValueError(f"TroubleshootConfig.cosine must be in [-1, 1], got {self.cosine}")
-        if not 2 <= self.low_bits <= 16:
-            raise ValueError(f"TroubleshootConfig.low_bits must be in 2..16, got {self.low_bits}")
-
-
-@dataclass(frozen=True)
-class Finding:
-    node: str  # where the cause is: the flagged layer or one of the layers it reads
-    cause: str  # one of CAUSES
-    evidence: str
-    knob: str
-    seen_at: str = ""  # the flagged layer whose loss it explains (when not ``node`` itself)
-    # the knob as a QuantConfig change ({field: value}, "override": LayerOverride kwargs), when it is one
-    change: dict | None = None
-    measured: float | None = None  # output SQNR (dB) after quantizing with ``change`` (``verify=True``)
-
-
-@dataclass(frozen=True)
-class TroubleshootReport:
-    comparison: Comparison
-    flagged: tuple[str, ...]  # degraded layers, worst first
-    findings: tuple[Finding, ...]
-    config: TroubleshootConfig
-    # verify=True: output SQNR of the unchanged settings quantized again on the troubleshooting data,
-    # the value each Finding.measured compares with
-    verify_baseline: float | None = None
-
-    def causes(self, node: str) -> list[str]:
-        return [f.cause for f in self.findings if f.node == node]
-
-    def summary(self) -> str:
-        c = self.comparison
-        out = c.output
-        lines = ["output: " + ", ".join(f"{m} {_fmt(out[m])}" for m in c.metrics),
-                 f"{len(self.flagged)} of {len(c.layers)} layers flagged"
-                 + (f": {', '.join(self.flagged[:8])}{' ...' if len(self.flagged) > 8 else ''}" if self.flagged
-                    else "")]
-        inherited = [f.node for f in self.findings if f.cause == "inherited"]
-        for f in self.findings:
-            if f.cause != "inherited":
-                where = f" (loss seen at {f.seen_at})" if f.seen_at else ""
-                tried = ""
-                if f.measured is not None and self.verify_baseline is not None:
-                    base = self.verify_baseline
-                    verdict = "better" if f.measured > base + 0.5 else ("worse" if f.measured < base - 0.5
-                                                                        else "no change")
-                    tried = f" [tried: output SQNR {_fmt(f.measured)} dB vs {_fmt(base)} without it: {verdict}]"
-                lines.append(f"- {f.node}{where}: {f.cause}. {f.evidence} Try: {f.knob}{tried}")
-        if inherited:
-            lines.append(f"- {len(inherited)} flagged layers only carry a flagged input's loss: "
-                         f"{', '.join(inherited[:6])}{' ...' if len(inherited) > 6 else ''}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "flagged": list(self.flagged), "verify_baseline": self.verify_baseline,
-                "findings": [asdict(f) for f in self.findings], "comparison": self.comparison.to_dict()}
-
-    def write(self, out_dir: str | os.PathLike) -> tuple[str, str]:
-        """Write ``report.json`` and ``report.html`` into ``out_dir``; returns their paths."""
-        from mct_fx.report_html import render_html
-
-        os.makedirs(out_dir, exist_ok=True)
-        json_path, html_path = os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.html")
-        with open(json_path, "w") as f:
-            json.dump(jsonable(self.to_dict()), f, indent=1)
-        with open(html_path, "w") as f:
-            f.write(render_html(self))
-        return json_path, html_path
-
-
-def _fmt(v: float) -> str:
-    return "inf" if v == math.inf else f"{v:.4g}"
-
 
 def _quantizer(gm: fx.GraphModule, node: str, role: Role = Role.ACTIVATION) -> FakeQuantizer | None:
     q = quantizer_module(gm, node, role)
@@ -387,17 +275,18 @@ def troubleshoot(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterabl
         worst = min((i for i in row.inputs if i in flagged_set), key=lambda i: rows[i].metrics["sqnr"], default=None)
         if not found and worst is not None and row.metrics["sqnr"] > rows[worst].metrics["sqnr"] - INHERIT_DB:
             findings.append(Finding(name, "inherited",
-                                    f"SQNR {_fmt(row.metrics['sqnr'])} dB, within {INHERIT_DB:g} dB of (or above) "
-                                    f"its flagged input {worst} ({_fmt(rows[worst].metrics['sqnr'])} dB).",
+                                    f"SQNR {format_value(row.metrics['sqnr'])} dB, within {INHERIT_DB:g} dB of "
+                                    "(or above) "
+                                    f"its flagged input {worst} ({format_value(rows[worst].metrics['sqnr'])} dB).",
                                     f"fix {worst} first"))
         elif not found:
-            inputs = [f"{i} {_fmt(rows[i].metrics['sqnr'])} dB" for i in row.inputs if i in rows]
-            weights = [_fmt(v) for n in (*row.fused, name) if (v := _weightsqnr_db(qmodel, n)) is not None]
+            inputs = [f"{i} {format_value(rows[i].metrics['sqnr'])} dB" for i in row.inputs if i in rows]
+            weights = [format_value(v) for n in (*row.fused, name) if (v := _weightsqnr_db(qmodel, n)) is not None]
             act = _activationsqnr_db(qmodel, row)
-            alone = ([f"its activation grid {_fmt(act)} dB"] if act is not None else []) + (
+            alone = ([f"its activation grid {format_value(act)} dB"] if act is not None else []) + (
                 [f"its kernel grid {', '.join(weights)} dB"] if weights else [])
             found = [Finding(name, "unexplained",
-                             f"SQNR {_fmt(row.metrics['sqnr'])} dB"
+                             f"SQNR {format_value(row.metrics['sqnr'])} dB"
                              + (f" (inputs: {', '.join(inputs)})" if inputs else "")
                              + (f"; alone, {' and '.join(alone)}." if alone else "."),
                              _or_wider(_unexplained_knob(row, act), qmodel, name))]

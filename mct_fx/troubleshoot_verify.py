@@ -12,16 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
 from mct_fx.config import CONFIG_KEY, LayerOverride, QuantConfig
-from mct_fx.meta import SUMMARY
+from mct_fx.meta import PREPARATION, SUMMARY
+from mct_fx.ptq import quantize
 from mct_fx.report import output_sqnr
-
-if TYPE_CHECKING:
-    from mct_fx.troubleshoot import Finding
+from mct_fx.troubleshoot_types import Finding
 
 __all__ = ["apply_change", "verify_findings"]
 
@@ -46,18 +44,18 @@ def verify_findings(findings: Iterable[Finding], float_model: nn.Module, qmodel:
     the output SQNR of the unchanged configuration quantized the same way (on ``loader``, which may hold
     other or fewer samples than the model was calibrated on)."""
     findings = tuple(findings)
-    base, tpc = qmodel.meta.get(CONFIG_KEY), qmodel.meta.get("mct_fx.tpc")
-    if base is None or tpc is None:
+    base, preparation = qmodel.meta.get(CONFIG_KEY), qmodel.meta.get(PREPARATION)
+    if base is None or preparation is None:
         log.warning("troubleshoot: the model records no QuantConfig / target; the knobs are not verified")
         return findings, None
     if not any(f.change is not None for f in findings):
         return findings, None
     summary = qmodel.meta.get(SUMMARY)
     budget = summary.mixed_precision.target if summary is not None and summary.mixed_precision else None
-    from mct_fx.ptq import quantize
-
     def measure(config: QuantConfig) -> float:
-        candidate = quantize(float_model, loader, tpc, config, target=budget, n_batches=n_batches, verbose=False)
+        candidate = quantize(float_model, loader, preparation.tpc, config, target=budget, n_batches=n_batches,
+                             verbose=False, leaf_modules=preparation.leaf_modules,
+                             concrete_args=preparation.concrete_args)
         return output_sqnr(float_model, candidate, loader, n_batches)
 
     baseline = measure(base)

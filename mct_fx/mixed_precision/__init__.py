@@ -1,5 +1,5 @@
 """Mixed-precision bit-width search: sensitivities, an integer program under a resource budget."""
 
-from mct_fx.mixed_precision.config import DistanceWeighting, MixedPrecisionConfig, OutputDistance
+from mct_fx.config import DistanceWeighting, MixedPrecisionConfig, OutputDistance
 
 __all__ = ["MixedPrecisionConfig", "DistanceWeighting", "OutputDistance"]

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
-from mct_fx.config import QuantConfig
+from mct_fx.config import DistanceWeighting, QuantConfig
 from mct_fx.data import ModelInputs
 from mct_fx.hessian import HessianService, normalized_traces
 from mct_fx.mixed_precision.candidates import AlternativeQuantizers, Configurable, configurable_nodes, swap, unswap
-from mct_fx.mixed_precision.config import DistanceWeighting
 from mct_fx.mixed_precision.corrections import CandidateCorrection, candidate_correction
 from mct_fx.mixed_precision.sensitivity import SensitivityEvaluator, interest_points
 from mct_fx.mixed_precision.solver import check_feasible, solve

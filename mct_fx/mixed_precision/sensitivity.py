@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, fx
 from torch.utils._pytree import tree_leaves
 
+from mct_fx.config import DistanceWeighting, OutputDistance
 from mct_fx.data import ModelInputs
 from mct_fx.graph_utils import placeholder_values
 from mct_fx.meta import Role, quantizer_nodes_by_role
-from mct_fx.mixed_precision.config import DistanceWeighting, OutputDistance
 from mct_fx.quantizers.modules import quantizers_off
 from mct_fx.resources import example_batch_size, per_sample_numel, tensor_metas
 from mct_fx.tpc.matching import annotation

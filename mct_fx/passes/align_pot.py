@@ -30,10 +30,9 @@ from mct_fx.meta import ALIGNMENT
 from mct_fx.passes.freeze import error_method
 from mct_fx.passes.shift_negative import shiftable_quantizers
 from mct_fx.quantizers.clamp import BoundedReLU
-from mct_fx.quantizers.histogram import z_score_filter
 from mct_fx.quantizers.modules import ActivationQuantizer, WeightQuantizer
 from mct_fx.quantizers.params import QuantMethod
-from mct_fx.quantizers.search import ErrorMethod, search_params
+from mct_fx.quantizers.search import ErrorMethod, activation_grid
 from mct_fx.tpc.vocabulary import op_name
 
 __all__ = ["alignment_factors", "apply_alignment", "ALIGNMENT_KEY"]
@@ -108,12 +107,8 @@ def _best_threshold(quant: ActivationQuantizer, error: ErrorMethod, p: float, z_
     if obs.empty or obs.offset:
         return None
     centres, counts = obs.centres_and_counts()
-    lo, hi = obs.min, obs.max
-    if math.isfinite(z_threshold):
-        centres, counts, lo, hi = z_score_filter(centres, counts, lo, hi, z_threshold)
-    signed = bool(lo < 0) if quant.signed is None else bool(quant.signed)
-    scale, _ = search_params(centres[None], counts[None], lo.reshape(1), hi.reshape(1),
-                             QuantMethod.SYMMETRIC, quant.n_bits, signed, error, p)
+    scale, _, signed = activation_grid(centres, counts, obs.min, obs.max, QuantMethod.SYMMETRIC, quant.n_bits,
+                                       quant.signed, error, p, z_threshold=z_threshold)
     return float(scale[0]) * 2 ** (quant.n_bits - int(signed))
 
 

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from mct_fx.kernels import fake_quant
-from mct_fx.quantizers.histogram import StreamingHistogram, z_score_filter
-from mct_fx.quantizers.params import QuantMethod, int_range, shift_negative_params
-from mct_fx.quantizers.search import ErrorMethod, search_params, search_shifted
+from mct_fx.quantizers.histogram import StreamingHistogram
+from mct_fx.quantizers.params import QuantMethod, int_range
+from mct_fx.quantizers.search import ErrorMethod, activation_grid, search_params
 from mct_fx.quantizers.trainable import scale_grad, ste_round
 
 __all__ = ["FakeQuantizer", "ActivationQuantizer", "WeightQuantizer", "MODES", "quantizers_off"]
@@ -178,25 +178,11 @@ class ActivationQuantizer(FakeQuantizer):
         """
         if self.observer.empty:
             raise RuntimeError("activation quantizer saw no data during calibration")
-        obs = self.observer
-        centres, counts = obs.centres_and_counts()
-        lo, hi = obs.min, obs.max
-        if math.isfinite(z_threshold):
-            centres, counts, lo, hi = z_score_filter(centres, counts, lo, hi, z_threshold)
-        auto_sign = self.signed is None
-        if auto_sign:
-            self.signed = bool(lo < 0)
-        scale, zp = search_params(centres[None], counts[None], lo.reshape(1), hi.reshape(1),
-                                  self.method, self.n_bits, bool(self.signed), error, p)
-        if shift_negative_ratio is not None and auto_sign and self.signed and self.method.symmetric_grid:
-            threshold = scale * 2 ** (self.n_bits - 1)
-            if float(-lo) <= shift_negative_ratio * float(threshold):
-                self.signed = False
-                if shift_negative_search:
-                    scale, zp = search_shifted(centres[None], counts[None], lo, hi, self.method, self.n_bits,
-                                               error, p)
-                else:
-                    scale, zp = shift_negative_params(threshold, lo, self.n_bits)
+        centres, counts = self.observer.centres_and_counts()
+        scale, zp, self.signed = activation_grid(
+            centres, counts, self.observer.min, self.observer.max, self.method, self.n_bits, self.signed, error, p,
+            z_threshold=z_threshold, shift_negative_ratio=shift_negative_ratio,
+            shift_negative_search=shift_negative_search)
         self.set_grid(scale, zp)
         self.observer = StreamingHistogram()
 

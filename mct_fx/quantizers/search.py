@@ -21,6 +21,7 @@ than ``NOCLIPPING`` by its own error measure.
 from __future__ import annotations
 
 import enum
+import math
 
 import torch
 from torch import Tensor
@@ -28,16 +29,18 @@ from torch import Tensor
 from mct_fx.kernels import candidate_blocks
 from mct_fx.kernels import fit_scale as kernel_fit_scale
 from mct_fx.kernels import quant_error as kernel_quant_error
+from mct_fx.quantizers.histogram import z_score_filter
 from mct_fx.quantizers.params import (
     MIN_THRESHOLD,
     QuantMethod,
     int_range,
     pot_threshold,
+    shift_negative_params,
     symmetric_params,
     uniform_params,
 )
 
-__all__ = ["ErrorMethod", "search_params", "search_shifted", "quant_error", "row_histograms"]
+__all__ = ["ErrorMethod", "search_params", "search_shifted", "activation_grid", "quant_error", "row_histograms"]
 
 # Power-of-two candidates: t0 = 2**ceil(log2(max)), then 2*t0, t0/2, ..., t0/2**6.
 _POT_EXPONENTS = (0, 1, -1, -2, -3, -4, -5, -6)
@@ -266,3 +269,34 @@ def search_shifted(values: Tensor, counts: Tensor | None, lo: Tensor, hi: Tensor
     errors = quant_error(values, counts, scale, zero_point, 0, qmax, error, p)
     s, z, _ = _best(errors, scale, zero_point)
     return s, z
+
+
+def activation_grid(centres: Tensor, counts: Tensor, lo: Tensor, hi: Tensor, method: QuantMethod, n_bits: int,
+                    signed: bool | None, error: ErrorMethod | str, p: float, *, z_threshold: float = math.inf,
+                    shift_negative_ratio: float | None = None,
+                    shift_negative_search: bool = False) -> tuple[Tensor, Tensor, bool]:
+    """The grid policy for an activation, from its histogram: ``(scale, zero_point, signed)``.
+
+    Values more than ``z_threshold`` standard deviations from the mean are left
+    out (:func:`z_score_filter`); ``signed=None`` chooses the sign (signed when
+    negatives remain); the threshold minimises ``error``.  With
+    ``shift_negative_ratio``, an automatically signed symmetric-family grid whose
+    negative tail is at most that fraction of the threshold becomes a shifted
+    unsigned grid (:func:`shift_negative_params`, or searched with the shift
+    when ``shift_negative_search``).
+    """
+    if math.isfinite(z_threshold):
+        centres, counts, lo, hi = z_score_filter(centres, counts, lo, hi, z_threshold)
+    auto_sign = signed is None
+    signed = bool(lo < 0) if auto_sign else bool(signed)
+    scale, zp = search_params(centres[None], counts[None], lo.reshape(1), hi.reshape(1), method, n_bits, signed,
+                              error, p)
+    if shift_negative_ratio is not None and auto_sign and signed and method.symmetric_grid:
+        threshold = scale * 2 ** (n_bits - 1)
+        if float(-lo) <= shift_negative_ratio * float(threshold):
+            signed = False
+            if shift_negative_search:
+                scale, zp = search_shifted(centres[None], counts[None], lo, hi, method, n_bits, error, p)
+            else:
+                scale, zp = shift_negative_params(threshold, lo, n_bits)
+    return scale, zp, signed
