@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import collections
 import copy
+import importlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,15 +52,19 @@ from mct_fx.quantizers.lut import LutWeightQuantizer
 from mct_fx.quantizers.modules import ActivationQuantizer, FakeQuantizer, WeightQuantizer
 from mct_fx.quantizers.params import LUT_VALUE_BITS, QuantMethod
 from mct_fx.tpc.matching import annotation
+from mct_fx.tpc.vocabulary import POSTPROCESS_OPS
 
 __all__ = ["export_imx500", "Imx500ExportResult", "MCTQ_DOMAIN", "reference_session_options"]
 
 log = logging.getLogger("mct_fx")
 
 MCTQ_DOMAIN = "mct_quantizers"
+EDGEMDT_DOMAIN = "EdgeMDT"  # Sony's detection post-processing (edgemdt_cl), opset 1
 MCTQ_VERSION = "1.6.0"  # the mct-quantizers release imx500-converter 3.19 is built with
 OPSET = 20  # the converter takes opsets 15..20
 _MAX_IR_VERSION = 10  # the converter checks the file with onnx 1.17
+_EDGEMDT_KERNELS = ("edgemdt_cl.pytorch.nms.nms_ort", "edgemdt_cl.pytorch.nms_obb.nms_obb_ort",
+                    "edgemdt_cl.pytorch.box_decode.box_decode_ort")
 _LUT_EPS = 1e-8  # the LUT ops divide by (threshold + eps)
 # ops that move or select values without computing new ones: their output keeps the input's grid
 _PRESERVING = ("Dropout", "Identity", "Flatten", "Reshape", "Permute", "Transpose", "Squeeze", "Unsqueeze",
@@ -192,8 +198,14 @@ def _check_activations(gm: fx.GraphModule) -> None:
     """Every float tensor the graph computes is quantized: by its own quantizer, as the inner node of a
     fused group, or as an op that only moves quantized values.  16-bit activations feed no convolution."""
     quantized: set[fx.Node] = set()
+    post: set[fx.Node] = set()  # detection post-processing and what only reads its results: float on the chip
     for node in gm.graph.nodes:
         if node.op in ("get_attr", "output"):
+            continue
+        ann = annotation(node)
+        inputs = [i for i in node.all_input_nodes if i.op != "get_attr"]
+        if (ann is not None and ann.op in POSTPROCESS_OPS) or (inputs and all(i in post for i in inputs)):
+            post.add(node)
             continue
         q = _quantizer(gm, node)
         if q is not None:
@@ -201,7 +213,6 @@ def _check_activations(gm: fx.GraphModule) -> None:
                 quantized.add(node)
                 _check_bits_into_conv(gm, node, q)
             continue
-        ann = annotation(node)
         if node.op != "placeholder" and (ann is None or not ann.float_output):
             continue  # integer / boolean outputs (indices, shapes), nodes the passes added
         users = list(node.users)
@@ -327,6 +338,9 @@ def reference_session_options():
         return None
     import onnxruntime as ort
 
+    if "edgemdt_cl.pytorch" in sys.modules:  # a model with Sony's NMS / box decoding: their kernels too
+        for module in _EDGEMDT_KERNELS:
+            importlib.import_module(module)  # defines the ops before the library is registered below
     options = mct_quantizers.get_ort_session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options
@@ -364,7 +378,7 @@ def export_imx500(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, 
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(gm, inputs, str(path), dynamo=False, opset_version=OPSET, input_names=names_in,
                           output_names=names_out, do_constant_folding=True,
-                          custom_opsets={MCTQ_DOMAIN: 1})
+                          custom_opsets={MCTQ_DOMAIN: 1, EDGEMDT_DOMAIN: 1})
     model = onnx.load(str(path))
     _finish(model, str(path))
     onnx.save(model, str(path))

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 from mct_fx.config import HessianConfig  # re-exported: it was defined here
 from mct_fx.data import ModelInputs, iter_batches, to_device
 from mct_fx.graph_utils import TRANSPOSED_CONVS, attr_value, model_device, param_source, placeholder_values
+from mct_fx.tpc.matching import measured_view
 from mct_fx.tpc.vocabulary import LINEAR_OPS, op_name
 
 __all__ = ["Granularity", "HessianConfig", "HessianService", "normalized_traces"]
@@ -48,6 +49,7 @@ class HessianService:
 
     def __init__(self, gm: fx.GraphModule, inputs: Iterable, config: HessianConfig | None = None,
                  n_batches: int | None = None):
+        gm = measured_view(gm)  # a detector's NMS outputs a selection: differentiate its boxes and scores
         self.gm = gm
         self.config = config or HessianConfig()
         device = model_device(gm)

@@ -27,6 +27,7 @@ from mct_fx.meta import Role, quantizer_nodes_by_role
 from mct_fx.prepare import float_reference
 from mct_fx.quant_summary import summarize
 from mct_fx.quantizers.modules import FakeQuantizer, quantizers_off
+from mct_fx.tpc.matching import measured_view
 
 __all__ = ["compare", "output_sqnr", "sqnr_db", "energy_ratio_db", "jsonable", "Comparison", "LayerComparison",
            "ActivationStats", "METRICS"]
@@ -288,7 +289,8 @@ def compare(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,
     summary = summarize(qmodel)
     rows = {r.node: r for r in summary.layers}
     groups = _groups(rows)
-    taps = _taps(qmodel, groups)
+    qview = measured_view(qmodel)  # a detector is compared at its NMS's inputs (boxes, scores)
+    taps = _taps(qview, groups)
     first = next(iter_batches(loader, 1))
     args, kwargs = first
     example = args[0] if args and not kwargs else kwargs
@@ -298,14 +300,16 @@ def compare(float_model: nn.Module, qmodel: fx.GraphModule, loader: Iterable,
         ref, reference = _reference(float_model, qmodel, example, taps)
     finally:
         float_model.train(was_training)
+    ref = measured_view(ref)
     ref_taps = _taps(ref, groups)
     ref.eval()
     q_training = qmodel.training
     qmodel.eval()
+    qview.eval()
     try:
         stats = {layer: _Stats() for layer in taps.values()}
-        rep, out = _measure(ref, qmodel, taps, ref_taps, loader, n_batches, names, customs, stats)
-        val, val_out = ({}, None) if validation is None else _measure(ref, qmodel, taps, ref_taps, validation,
+        rep, out = _measure(ref, qview, taps, ref_taps, loader, n_batches, names, customs, stats)
+        val, val_out = ({}, None) if validation is None else _measure(ref, qview, taps, ref_taps, validation,
                                                                        n_batches, names, customs, None)
     finally:
         qmodel.train(q_training)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import linecache
+import sys
 import traceback
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +16,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from mct_fx.quantizers.modules import FakeQuantizer
+from mct_fx.tpc.vocabulary import external_op
 
 __all__ = ["TraceError", "Tracer", "trace", "propagate_shapes", "bind_inputs", "failing_node"]
 
@@ -30,20 +32,29 @@ class Tracer(fx.Tracer):
     """``torch.fx`` tracer that keeps mct_fx quantizers and user-listed modules as leaves.
 
     ``leaf_modules`` may hold module classes or qualified module names ("layer1.0").
+    Sony's ``edgemdt_cl`` post-processing (NMS modules and functions, box decoding)
+    is traced as one call each, whatever it does inside.
     """
 
     def __init__(self, leaf_modules: Iterable[type | str] = ()):
-        super().__init__()
+        super().__init__(autowrap_functions=_postprocess_functions())
         leaf_modules = tuple(leaf_modules)
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self._leaf_names = frozenset(n for n in leaf_modules if isinstance(n, str))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, FakeQuantizer) or module_qualified_name in self._leaf_names:
+        if isinstance(m, FakeQuantizer) or module_qualified_name in self._leaf_names or external_op(type(m)):
             return True
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def _postprocess_functions() -> tuple:
+    """The ``edgemdt_cl`` NMS functions, when the package is loaded (the model using them has imported it)."""
+    package = sys.modules.get("edgemdt_cl.pytorch")
+    names = ("multiclass_nms", "multiclass_nms_with_indices", "multiclass_nms_obb")
+    return tuple(f for f in (getattr(package, n, None) for n in names) if f is not None) if package else ()
 
 
 def trace(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None, *,

@@ -28,7 +28,7 @@ from mct_fx.graph_utils import placeholder_values
 from mct_fx.meta import Role, quantizer_nodes_by_role
 from mct_fx.quantizers.modules import quantizers_off
 from mct_fx.resources import example_batch_size, per_sample_numel, tensor_metas
-from mct_fx.tpc.matching import annotation
+from mct_fx.tpc.matching import annotation, measured_outputs
 from mct_fx.tpc.vocabulary import LINEAR_OPS
 
 __all__ = ["SensitivityEvaluator", "interest_points"]
@@ -114,12 +114,13 @@ class SensitivityEvaluator:
         graph = fx.Graph()
         values: dict[fx.Node, fx.Node] = {}
         out = graph.graph_copy(gm.graph, values)
-        outputs = tree_leaves(out)
+        measured = measured_outputs(gm)  # a detector's NMS: its boxes and scores, not its selection
+        outputs = tree_leaves(out) if measured is None else [values.get(m, m) for m in measured]
         graph.output((*outputs, *[values[p] for p in self.points]))
         self.probe = fx.GraphModule(gm, graph)  # shares gm's submodules: swapping them on the probe is local
         self.returned = tree_leaves(next(n for n in self.probe.graph.nodes if n.op == "output").args[0])
         kind = OutputDistance(output_distance)
-        original_outputs = tree_leaves(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+        original_outputs = measured or tree_leaves(next(n for n in gm.graph.nodes if n.op == "output").args[0])
         self.fns = [_DISTANCES[kind if kind is not OutputDistance.AUTO else _auto_kind(o)]
                     for o in original_outputs] + [_nmse] * len(self.points)
         self.n_outputs = len(original_outputs)

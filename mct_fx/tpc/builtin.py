@@ -18,15 +18,16 @@ from mct_fx.tpc.schema import (
     TargetPlatformCapabilities,
     TPCError,
 )
-from mct_fx.tpc.vocabulary import ACTIVATION_OPS
+from mct_fx.tpc.vocabulary import ACTIVATION_OPS, POSTPROCESS_OPS
 
 __all__ = ["get_tpc", "BUILTIN_TPCS"]
 
 # Ops that only move or select data: their output keeps the input's grid.
 SHAPE_OPS = ("Flatten", "Reshape", "Permute", "Transpose", "Squeeze", "Unsqueeze", "Expand", "GetItem",
              "SplitChunk", "Unstack", "Dropout", "Identity", "Size", "Shape", "Cast")
-# Ops whose outputs are not activations to quantize (indices, booleans).
-NON_NUMERIC_OPS = ("ArgMax", "TopK", "Equal")
+# Ops whose outputs are not activations to quantize (indices, booleans; detection post-processing, which
+# the IMX500 runs on quantized boxes and scores and leaves its outputs float).
+NON_NUMERIC_OPS = ("ArgMax", "TopK", "Equal", *POSTPROCESS_OPS)
 LINEAR_SETS = ("Conv", "ConvTranspose", "FullyConnected")
 RELU_LIKE = ("ReLU", "ReLU6", "LeakyReLU", "HardTanh")
 BINARY_OPS = ("Add", "Sub", "Mul", "Div")

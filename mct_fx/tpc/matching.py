@@ -8,16 +8,19 @@ node's output is quantized.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 from torch import fx
+from torch.utils._pytree import tree_leaves
 
+from mct_fx.graph_utils import with_outputs
 from mct_fx.meta import ANNOTATION
 from mct_fx.tpc.schema import OpQuantConfig, QuantConfigOptions, TargetPlatformCapabilities
-from mct_fx.tpc.vocabulary import op_name
+from mct_fx.tpc.vocabulary import POSTPROCESS_OPS, op_name
 
 __all__ = ["Annotation", "annotate", "annotation", "is_float_tensor", "produces_float", "describe_target",
-           "META_KEY"]
+           "measured_outputs", "measured_view", "META_KEY"]
 
 META_KEY = ANNOTATION
 
@@ -129,3 +132,40 @@ def _match_chain(start: fx.Node, groups: tuple[tuple[str, ...], ...], fused: set
                 return []
             node = users[0]
     return chain
+
+
+def _postprocessing(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The detection post-processing node an output comes from (through field / item access), if any."""
+    while isinstance(node, fx.Node):
+        if node.op.startswith("call_") and op_name(node, gm) in POSTPROCESS_OPS:
+            return node
+        if not (node.op == "call_function" and node.target in (operator.getitem, getattr)):
+            return None
+        node = node.args[0]
+    return None
+
+
+def measured_outputs(gm: fx.GraphModule) -> list | None:
+    """What a float-vs-quantized distance on the model output is measured on, when not the output itself: for
+    outputs of detection post-processing (NMS: a selection, labels, counts), its inputs (boxes and scores).
+    None when no output comes from post-processing."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = tree_leaves(out.args[0])
+    sources = [_postprocessing(leaf, gm) for leaf in leaves]
+    if not any(sources):
+        return None
+    measured: list = []
+    for leaf, source in zip(leaves, sources, strict=True):
+        for node in [a for a in source.all_input_nodes if a.op != "get_attr"] if source is not None else [leaf]:
+            if not any(node is m for m in measured):
+                measured.append(node)
+    return measured  # decoded boxes feeding an NMS are measured as they are: continuous values
+
+
+def measured_view(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` itself, or (detection post-processing at its outputs) a GraphModule sharing its modules that
+    returns the post-processing's inputs instead (:func:`measured_outputs`)."""
+    measured = measured_outputs(gm)
+    if measured is None:
+        return gm
+    return with_outputs(gm, [m.name for m in measured if isinstance(m, fx.Node)])

@@ -5,6 +5,10 @@ Names follow Sony MCT's ``OperatorSetNames`` where one exists ("Conv",
 has no name for get one here ("MatMul", "LayerNorm", "Mean", "Identity",
 "Attention").  A node whose op is not in the vocabulary gets ``None``: it stays
 float and is listed in the quantization report.
+
+Detection post-processing from Sony's ``edgemdt_cl`` (NMS, box decoding) is
+known by qualified name, so the package stays optional: :data:`POSTPROCESS_OPS`
+(see :data:`EXTERNAL_OPS`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from torch import fx, nn
 
 from mct_fx.quantizers.clamp import BoundedReLU
 
-__all__ = ["op_name", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS", "LINEAR_OPS", "ACTIVATION_OPS"]
+__all__ = ["op_name", "external_op", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS", "EXTERNAL_OPS", "LINEAR_OPS",
+           "ACTIVATION_OPS", "POSTPROCESS_OPS"]
 
 MODULE_OPS: dict[type, str] = {
     nn.Conv1d: "Conv", nn.Conv2d: "Conv", nn.Conv3d: "Conv",
@@ -86,6 +91,23 @@ METHOD_OPS: dict[str, str] = {
     "size": "Size", "dim": "Size", "to": "Cast", "type": "Cast", "float": "Cast", "gather": "Gather",
 }
 
+# Sony's edgemdt_cl layers by qualified name (functions, nn.Module classes, torch.library ops): the
+# post-processing the IMX500 converter runs on the chip, left float with quantized inputs.
+EXTERNAL_OPS: dict[str, str] = {
+    "edgemdt_cl.pytorch.nms.nms.multiclass_nms": "MulticlassNMS",
+    "edgemdt_cl.pytorch.nms.nms.MulticlassNMS": "MulticlassNMS",
+    "edgemdt::multiclass_nms": "MulticlassNMS",
+    "edgemdt_cl.pytorch.nms.nms_with_indices.multiclass_nms_with_indices": "MulticlassNMSWithIndices",
+    "edgemdt_cl.pytorch.nms.nms_with_indices.MulticlassNMSWithIndices": "MulticlassNMSWithIndices",
+    "edgemdt::multiclass_nms_with_indices": "MulticlassNMSWithIndices",
+    "edgemdt_cl.pytorch.nms_obb.nms_obb.multiclass_nms_obb": "MulticlassNMSOBB",
+    "edgemdt_cl.pytorch.nms_obb.nms_obb.MulticlassNMSOBB": "MulticlassNMSOBB",
+    "edgemdt::multiclass_nms_obb": "MulticlassNMSOBB",
+    "edgemdt_cl.pytorch.box_decode.box_decode.FasterRCNNBoxDecode": "BoxDecode",
+    "edgemdt::faster_rcnn_box_decode": "BoxDecode",
+}
+POSTPROCESS_OPS = ("MulticlassNMS", "MulticlassNMSWithIndices", "MulticlassNMSOBB", "BoxDecode")
+
 # Operators that carry a weight (kernel) and optional bias; the node's args are (input, weight, bias, ...).
 LINEAR_OPS = ("Conv", "ConvTranspose", "FullyConnected")
 # Element-wise activations (used by built-in TPCs' fusing patterns).
@@ -97,12 +119,23 @@ def op_name(node: fx.Node, gm: fx.GraphModule) -> str | None:
     """Operator-set name of ``node`` (None for ops the vocabulary does not know)."""
     if node.op == "call_module":
         # exact types only: a subclass may override forward with anything
-        return MODULE_OPS.get(type(gm.get_submodule(node.target)))
+        module_type = type(gm.get_submodule(node.target))
+        return MODULE_OPS.get(module_type) or external_op(module_type)
     if node.op == "call_function":
         try:
-            return FUNCTION_OPS.get(node.target)
+            return FUNCTION_OPS.get(node.target) or external_op(node.target)
         except TypeError:  # unhashable target
             return None
     if node.op == "call_method":
         return METHOD_OPS.get(node.target)
     return None
+
+
+def external_op(target: Any) -> str | None:
+    """The operator-set name of an ``edgemdt_cl`` function, module class or ``torch.library`` op; else None."""
+    qualified = getattr(target, "_qualified_op_name", None)  # an OpOverloadPacket
+    if qualified is None and callable(getattr(target, "name", None)) and hasattr(target, "overloadpacket"):
+        qualified = target.overloadpacket._qualified_op_name  # an OpOverload
+    if qualified is None:
+        qualified = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
+    return EXTERNAL_OPS.get(qualified)

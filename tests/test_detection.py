@@ -1,0 +1,157 @@
+"""Detectors that end in Sony's NMS (``edgemdt_cl``): traced as one call, left float with quantized inputs,
+exported to the IMX500 format with the NMS op the converter takes, measured at the NMS's inputs."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from torch import fx, nn
+
+import mct_fx
+from mct_fx.export_check import graph_outputs, run_onnxruntime
+from mct_fx.export_imx500 import EDGEMDT_DOMAIN, reference_session_options
+from mct_fx.meta import quantized_node
+from mct_fx.quantizers import ActivationQuantizer
+from mct_fx.tpc.matching import annotation, measured_outputs
+
+edgemdt = pytest.importorskip("edgemdt_cl.pytorch", reason="needs edge-mdt-cl (pip install 'mct-fx[imx500]')")
+from edgemdt_cl.pytorch import MulticlassNMS, multiclass_nms  # noqa: E402
+
+GRID, CLASSES, SIZE = 8, 3, 64
+
+
+class TinyDetector(nn.Module):
+    """Anchor-free: per cell of an 8x8 grid, four distances to the box sides (in pixels) and class scores;
+    decoded to corner boxes and passed to the NMS, as a deployed model does."""
+
+    def __init__(self, as_module: bool = False, iou: float = 0.6):
+        super().__init__()
+        self.iou = iou
+
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, 2, 1), nn.BatchNorm2d(o), nn.SiLU())
+
+        self.body = nn.Sequential(block(3, 16), block(16, 32), block(32, 32))
+        self.box = nn.Conv2d(32, 4, 1)
+        self.cls = nn.Conv2d(32, CLASSES, 1)
+        ys, xs = torch.meshgrid(torch.arange(GRID) + 0.5, torch.arange(GRID) + 0.5, indexing="ij")
+        self.register_buffer("centres", torch.stack([xs, ys], -1).reshape(1, GRID * GRID, 2) * (SIZE / GRID))
+        self.nms = MulticlassNMS(score_threshold=0.05, iou_threshold=iou, max_detections=20) if as_module else None
+
+    def forward(self, x):
+        f = self.body(x)
+        d = torch.relu(self.box(f)).flatten(2).transpose(1, 2) * (SIZE / GRID)
+        boxes = torch.cat([self.centres - d[..., :2], self.centres + d[..., 2:]], -1)
+        scores = torch.sigmoid(self.cls(f)).flatten(2).transpose(1, 2)
+        if self.nms is not None:
+            return self.nms(boxes, scores)
+        res = multiclass_nms(boxes, scores, score_threshold=0.05, iou_threshold=self.iou, max_detections=20)
+        return res.boxes, res.scores, res.labels, res.n_valid
+
+
+def _detector(as_module: bool = False, iou: float = 0.6) -> nn.Module:
+    torch.manual_seed(0)
+    model = TinyDetector(as_module, iou)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model.body(torch.rand(8, 3, SIZE, SIZE))
+    return model.eval()
+
+
+DATA = [torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+
+def _nms_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if annotation(n) is not None and annotation(n).op == "MulticlassNMS"]
+
+
+def _quantized(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node``'s value is an activation quantizer's output (directly or through data-movement ops)."""
+    while node.op != "call_module" or not isinstance(gm.get_submodule(node.target), ActivationQuantizer):
+        ann = annotation(node)
+        if ann is None or ann.config is None or ann.config.enable_activation_quantization or not node.args:
+            return False
+        node = node.args[0]
+    return True
+
+
+@pytest.mark.parametrize("as_module", [False, True], ids=["function", "module"])
+def test_nms_is_one_float_call_with_quantized_inputs(as_module):
+    qmodel = mct_fx.quantize(_detector(as_module), DATA, "imx500", verbose=False)
+    (nms,) = _nms_nodes(qmodel)
+    assert nms.op == ("call_module" if as_module else "call_function")
+    boxes, scores = nms.args[:2]
+    assert _quantized(qmodel, boxes) and _quantized(qmodel, scores)
+    after = [u for n in nms.users for u in (n, *n.users)]
+    assert not any(u.op == "call_module" and isinstance(qmodel.get_submodule(u.target), ActivationQuantizer)
+                   for u in after)
+    with torch.no_grad():  # the NMS still runs: the quantized model returns detections
+        out = qmodel(DATA[0])
+    assert out[0].shape == (4, 20, 4) and out[2].dtype == torch.int64
+
+
+@pytest.mark.skipif(reference_session_options() is None, reason="needs mct-quantizers + onnxruntime-extensions")
+@pytest.mark.parametrize("as_module", [False, True], ids=["function", "module"])
+def test_imx500_file_has_the_nms_op_and_runs_as_the_graph_module(as_module, tmp_path):
+    qmodel = mct_fx.quantize(_detector(as_module), DATA, "imx500", verbose=False)
+    x = DATA[1][:1]
+    result = mct_fx.export_imx500(qmodel, x, tmp_path / "det.onnx")
+    model = onnx.load(str(result.path))
+    (nms,) = [n for n in model.graph.node if n.domain == EDGEMDT_DOMAIN]
+    assert nms.op_type == "MultiClassNMS" and nms.name
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in nms.attribute} == pytest.approx(
+        {"score_threshold": 0.05, "iou_threshold": 0.6, "max_detections": 20})
+    assert {(o.domain, o.version) for o in model.opset_import} >= {(EDGEMDT_DOMAIN, 1), ("mct_quantizers", 1)}
+    got = run_onnxruntime(result.path, (x,), reference_session_options())
+    expected = graph_outputs(qmodel, (x,))
+    assert len(got) == len(expected) == 4
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)
+    assert result.agreement is not None and result.agreement.max_abs_diff == 0
+
+
+def test_distances_are_measured_on_boxes_and_scores():
+    model = _detector()
+    qmodel = mct_fx.quantize(model, DATA, "imx500", verbose=False)
+    measured = measured_outputs(qmodel)
+    assert measured == list(_nms_nodes(qmodel)[0].args[:2])  # the NMS's boxes and scores
+    assert quantized_node(measured[0]) == "cat" and annotation(measured[1]).op == "Transpose"
+    table = mct_fx.compare(model, qmodel, DATA[:2])
+    assert table.reference.startswith("float model (prepared again")
+    assert 5 < table.output["sqnr"] < 80 and table.output["cosine"] > 0.9
+
+
+def test_mixed_precision_and_gptq_take_a_detector():
+    model = _detector()
+    full = mct_fx.resource_utilization(model, DATA[0], "imx500")
+    target = mct_fx.ResourceUtilization(weights_memory=full.weights_memory * 0.6)
+    mixed = mct_fx.quantize(model, DATA, "imx500", target=target, verbose=False)
+    summary = mct_fx.summary(mixed)
+    assert summary.mixed_precision is not None
+    assert mct_fx.resource_utilization(mixed).weights_memory <= target.weights_memory
+    trained = mct_fx.gptq(model, DATA, "imx500", mct_fx.GPTQConfig(epochs=1), verbose=False)
+    (nms,) = _nms_nodes(trained)
+    assert _quantized(trained, nms.args[0])
+
+
+@pytest.mark.parametrize("as_module", [False, True], ids=["function", "module"])
+def test_a_bad_nms_setting_fails_early_naming_the_node(as_module):
+    """Sony's own argument check runs while the example batch is traced, before calibration."""
+    with pytest.raises(mct_fx.TraceError, match="at node '(multiclass_nms|nms)'.*iou_threshold 1.5"):
+        mct_fx.quantize(_detector(as_module, iou=1.5), DATA, "imx500", verbose=False)
+
+
+@pytest.mark.slow
+def test_the_detector_reaches_the_chip_with_the_nms_on_it(tmp_path):
+    from mct_fx.convert_imx500 import find_converter
+
+    try:
+        converter = find_converter()
+    except mct_fx.ConversionError:
+        pytest.skip("imxconv-pt not installed (nox -s converter builds .nox/imx500)")
+    qmodel = mct_fx.quantize(_detector(), DATA, "imx500", verbose=False)
+    exported = mct_fx.export_imx500(qmodel, DATA[0][:1], tmp_path / "det.onnx")
+    package = mct_fx.convert_imx500(exported.path, tmp_path / "imx500", converter)
+    assert package.package.exists() and package.memory.fits
