@@ -16,7 +16,7 @@ from mct_fx.quantizers import ActivationQuantizer
 from mct_fx.tpc.matching import annotation, measured_outputs
 
 edgemdt = pytest.importorskip("edgemdt_cl.pytorch", reason="needs edge-mdt-cl (pip install 'mct-fx[imx500]')")
-from edgemdt_cl.pytorch import MulticlassNMS, multiclass_nms  # noqa: E402
+from edgemdt_cl.pytorch import FasterRCNNBoxDecode, MulticlassNMS, multiclass_nms  # noqa: E402
 
 GRID, CLASSES, SIZE = 8, 3, 64
 
@@ -47,6 +47,31 @@ class TinyDetector(nn.Module):
         if self.nms is not None:
             return self.nms(boxes, scores)
         res = multiclass_nms(boxes, scores, score_threshold=0.05, iou_threshold=self.iou, max_detections=20)
+        return res.boxes, res.scores, res.labels, res.n_valid
+
+
+class TinySsd(nn.Module):
+    """SSD-style: one default box per cell, codes decoded by Sony's ``FasterRCNNBoxDecode`` (y-x order),
+    softmax scores without the background column."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, 2, 1), nn.BatchNorm2d(o), nn.Hardswish())
+
+        self.body = nn.Sequential(block(3, 16), block(16, 32), block(32, 32))
+        self.box, self.cls = nn.Conv2d(32, 4, 1), nn.Conv2d(32, CLASSES + 1, 1)
+        ys, xs = torch.meshgrid(torch.arange(GRID) + 0.5, torch.arange(GRID) + 0.5, indexing="ij")
+        centres, half = torch.stack([ys.flatten(), xs.flatten()], 1) * (SIZE / GRID), SIZE / GRID
+        self.decode = FasterRCNNBoxDecode(torch.cat([centres - half, centres + half], 1), (10, 10, 5, 5),
+                                          (0, 0, SIZE, SIZE))
+
+    def forward(self, x):
+        f = self.body(x)
+        boxes = self.decode(self.box(f).flatten(2).transpose(1, 2))
+        scores = self.cls(f).flatten(2).transpose(1, 2).softmax(-1)[..., 1:]
+        res = multiclass_nms(boxes, scores, score_threshold=0.05, iou_threshold=0.5, max_detections=20)
         return res.boxes, res.scores, res.labels, res.n_valid
 
 
@@ -110,6 +135,24 @@ def test_imx500_file_has_the_nms_op_and_runs_as_the_graph_module(as_module, tmp_
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)
     assert result.agreement is not None and result.agreement.max_abs_diff == 0
+
+
+@pytest.mark.skipif(reference_session_options() is None, reason="needs mct-quantizers + onnxruntime-extensions")
+def test_box_decoding_is_one_float_call_exported_as_sonys_op(tmp_path):
+    torch.manual_seed(0)
+    model = TinySsd().eval()
+    qmodel = mct_fx.quantize(model, DATA, "imx500", verbose=False)
+    (decode,) = [n for n in qmodel.graph.nodes if annotation(n) is not None and annotation(n).op == "BoxDecode"]
+    assert decode.op == "call_module" and _quantized(qmodel, decode.args[0])
+    assert not any(u.op == "call_module" and isinstance(qmodel.get_submodule(u.target), ActivationQuantizer)
+                   for u in decode.users)
+    x = DATA[2][:1]
+    result = mct_fx.export_imx500(qmodel, x, tmp_path / "ssd.onnx")
+    ops = [n.op_type for n in onnx.load(str(result.path)).graph.node if n.domain == EDGEMDT_DOMAIN]
+    assert ops == ["FasterRCNNBoxDecode", "MultiClassNMS"]
+    for got, expected in zip(run_onnxruntime(result.path, (x,), reference_session_options()),
+                             graph_outputs(qmodel, (x,)), strict=True):
+        assert torch.equal(got, expected)
 
 
 def test_distances_are_measured_on_boxes_and_scores():

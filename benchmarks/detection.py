@@ -1,0 +1,411 @@
+"""Detectors to the IMX500: mct_fx beside Sony's MCT and torch.ao, measured in mAP on Fashion-MNIST mosaics.
+
+    python benchmarks/detection.py [--detectors yolo,ssd] [--methods ...] [--mct-python PATH]
+                                   [--converter PATH] [--n-test 2000] [--n-onnx 500]
+
+Per detector (``train_detection.py`` trains and caches them; their ``forward`` ends in
+``edgemdt_cl``'s ``multiclass_nms``): float; mct_fx PTQ W8A8, GPTQ W4A8 and mixed precision at
+the 4-bit weight size on the whole model (the NMS traced as one call, left float); MCT PTQ / GPTQ /
+MP on the network without the NMS (the way Ultralytics' IMX export runs MCT), the NMS put back after
+it; torch.ao FX PTQ (x86) on the whole model where it runs. Each method runs in a fresh worker
+process (``--worker METHOD JOB OUT``), so its time and peak RSS are its own; every method gets the
+same calibration canvases (from the training split) and is scored on the same test canvases with
+torchmetrics' COCO mAP. The PTQ rows are also exported in MCTQ ONNX (ours: ``export_imx500``; MCT:
+``pytorch_export_model`` of the network with the NMS), converted by ``imxconv-pt`` (memory report),
+and the converted file is run in onnxruntime with the reference kernels on the first ``--n-onnx``
+test canvases (mAP there beside the GraphModule's on the same canvases).
+
+Tables go to stdout and to ``benchmarks/results/detection.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, HERE)
+
+from compare import _MP_IMPORTS, _batches, _mct_gen, _mct_tpc, _mct_weight_bits, _peak_rss_mb, weight_budgets  # noqa: E402
+from detection_models import DETECTORS, PreNms, WithNms  # noqa: E402
+
+# ------------------------------------------------------------------ methods (run inside workers)
+
+
+def _ours_ptq(model, job):
+    import mct_fx
+
+    return mct_fx.quantize(model, _batches(job["calib"]), "imx500", verbose=False)
+
+
+def _ours_gptq(model, job):
+    import mct_fx
+    from mct_fx.tpc.derive import with_bits
+
+    tpc = with_bits(mct_fx.get_tpc("imx500"), weights=4)
+    return mct_fx.gptq(model, _batches(job["calib"]), tpc, mct_fx.GPTQConfig(epochs=job["gptq_epochs"]),
+                       verbose=False)
+
+
+def _ours_mp(model, job):
+    import mct_fx
+
+    budget = mct_fx.ResourceUtilization(weights_memory=job["budgets"][4]["mct_fx"])
+    return mct_fx.quantize(model, _batches(job["calib"]), "imx500", target=budget, verbose=False)
+
+
+def _mct_ptq(model, job, weight_bits: int = 8):
+    import model_compression_toolkit as mct
+
+    net = PreNms(model).eval()
+    q, _ = mct.ptq.pytorch_post_training_quantization(net, _mct_gen(job["calib"]),
+                                                      target_platform_capabilities=_mct_tpc(),
+                                                      **_mct_weight_bits(model, weight_bits))
+    return WithNms(q).eval()
+
+
+def _mct_gptq(model, job):
+    import model_compression_toolkit as mct
+
+    q, _ = mct.gptq.pytorch_gradient_post_training_quantization(
+        PreNms(model).eval(), _mct_gen(job["calib"]),
+        gptq_config=mct.gptq.get_pytorch_gptq_config(n_epochs=job["gptq_epochs"]),
+        target_platform_capabilities=_mct_tpc(), **_mct_weight_bits(model, 4))
+    return WithNms(q).eval()
+
+
+def _mct_mp(model, job):
+    import model_compression_toolkit as mct
+
+    ru = mct.core.ResourceUtilization(weights_memory=job["budgets"][4]["mct"])
+    core_config = mct.core.CoreConfig(mixed_precision_config=mct.core.MixedPrecisionQuantizationConfig(
+        num_of_images=32))
+    q, _ = mct.ptq.pytorch_post_training_quantization(PreNms(model).eval(), _mct_gen(job["calib"]),
+                                                      target_resource_utilization=ru, core_config=core_config,
+                                                      target_platform_capabilities=_mct_tpc())
+    return WithNms(q).eval()
+
+
+def _torch_ao_ptq(model, job):
+    import copy
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    calib = job["calib"]
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), example_inputs=(calib[:1],))
+    with torch.no_grad():
+        for b in _batches(calib):
+            prepared(b)
+    return convert_fx(prepared)
+
+
+def _ours_export(qmodel, x, path: str) -> None:
+    import mct_fx
+
+    mct_fx.export_imx500(qmodel, x, path)
+
+
+def _mct_export(qmodel, x, path: str) -> None:
+    """MCT's MCTQ export (its ``torch.onnx.export`` call forced to the TorchScript exporter, which MCT 2.6
+    needs on torch 2.14, as in benchmarks/imx500.py)."""
+    import model_compression_toolkit as mct
+
+    original = torch.onnx.export
+
+    def scripted(*args, **kwargs):
+        kwargs["dynamo"] = False
+        return original(*args, **kwargs)
+
+    torch.onnx.export = scripted
+    try:
+        mct.exporter.pytorch_export_model(qmodel, save_model_path=path, repr_dataset=lambda: iter([[x]]),
+                                          serialization_format=mct.exporter.PytorchExportSerializationFormat.ONNX,
+                                          quantization_format=mct.exporter.QuantizationFormat.MCTQ)
+    finally:
+        torch.onnx.export = original
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    bits: str
+    peer: str  # "ours" (this venv) or "mct" (the MCT venv)
+    run: Callable  # (float detector, job) -> quantized detector (NMS outputs)
+    export: Callable | None = None  # (quantized detector, x[:1], path): the IMX500 file
+    packages: tuple[str, ...] = ()
+
+    def imports(self) -> tuple[str, ...]:
+        return self.packages or ({"ours": "mct_fx", "mct": "model_compression_toolkit"}[self.peer],)
+
+
+METHODS = {m.name: m for m in (
+    Method("mct_fx PTQ", "W8A8", "ours", _ours_ptq, _ours_export),
+    Method("MCT PTQ", "W8A8", "mct", _mct_ptq, _mct_export),
+    Method("torch.ao FX PTQ (x86)", "W8A8", "ours", _torch_ao_ptq, packages=("torch.ao.quantization.quantize_fx",)),
+    Method("mct_fx GPTQ W4A8", "W4A8", "ours", _ours_gptq),
+    Method("MCT GPTQ W4A8", "W4A8", "mct", _mct_gptq),
+    Method("mct_fx MP 4-bit size", "MP W8/4/2 A8", "ours", _ours_mp, packages=_MP_IMPORTS),
+    Method("MCT MP 4-bit size", "MP W8/4/2 A8", "mct", _mct_mp),
+)}
+
+
+def _outputs(detect, x: torch.Tensor, batch_size: int = 50) -> tuple[torch.Tensor, ...]:
+    parts = []
+    with torch.no_grad():
+        for b in _batches(x, batch_size):
+            parts.append(tuple(torch.as_tensor(t) for t in detect(b)))
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+
+def worker(method: str, job_path: str, out_path: str) -> None:
+    torch.manual_seed(0)
+    job = torch.load(job_path, weights_only=False)
+    model = DETECTORS[job["detector"]]()
+    model.load_state_dict(job["state_dict"])
+    model.eval()
+    spec = METHODS[method]
+    start = time.perf_counter()
+    for package in spec.imports():
+        importlib.import_module(package)
+    import_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    qmodel = spec.run(model, job)
+    seconds = time.perf_counter() - start
+    peak = _peak_rss_mb()
+    out = {"seconds": seconds, "import_seconds": import_seconds, "peak_rss_mb": peak,
+           "outputs": _outputs(qmodel, job["test"]), "threads": torch.get_num_threads()}
+    if spec.export is not None and job.get("export_dir"):
+        path = os.path.join(job["export_dir"], f"{job['detector']}_{spec.peer}.onnx")
+        try:
+            start = time.perf_counter()
+            spec.export(qmodel, job["test"][:1], path)
+            out["export"] = {"path": path, "seconds": time.perf_counter() - start}
+        except Exception as e:  # noqa: BLE001 (reported in the table)
+            out["export"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    torch.save(out, out_path)
+
+
+# ------------------------------------------------------------------ the parent
+
+
+def _map(name: str, outputs: tuple[torch.Tensor, ...], targets: list[dict]) -> dict[str, float]:
+    from train_detection import Mosaics, mean_ap
+
+    images = torch.zeros(len(targets), 1, 1, 1)  # mean_ap only slices them
+    index = iter(range(0, len(targets), 50))
+
+    def replay(_x):
+        i = next(index)
+        return tuple(t[i:i + 50] for t in outputs)
+
+    return mean_ap(replay, name, Mosaics(images, targets), 50)
+
+
+def _onnx_map(name: str, path: str, test, n: int) -> dict[str, float]:
+    """mAP of the IMX500 file run in onnxruntime with the reference kernels, one canvas at a time."""
+    import onnxruntime as ort
+
+    from mct_fx.export_imx500 import reference_session_options
+
+    session = ort.InferenceSession(path, reference_session_options(), providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0].name
+    outs = [session.run(None, {feed: test.images[i:i + 1].numpy()}) for i in range(n)]
+    outputs = tuple(torch.cat([torch.from_numpy(o[k]) for o in outs]) for k in range(4))
+    return _map(name, outputs, test.targets[:n])
+
+
+def _convert(path: str, out_dir: str, converter: str | None) -> dict:
+    import mct_fx
+
+    try:
+        package = mct_fx.convert_imx500(path, out_dir, converter)
+    except mct_fx.ConversionError as e:
+        return {"converts": False, "error": str(e).splitlines()[0][:200]}
+    return {"converts": True, "seconds": package.seconds, "memory": str(package.memory),
+            "share": package.memory.share, "zip_bytes": os.path.getsize(package.package)}
+
+
+def run_detector(name: str, methods: list[str], args) -> dict:
+    import train_detection
+    from detection_data import mosaics
+
+    model, float_map = train_detection.load(name)
+    test = train_detection.test_canvases()
+    test.images, test.targets = test.images[:args.n_test], test.targets[:args.n_test]
+    calib = mosaics("train", args.n_calib, seed=3).images
+    outputs = _outputs(model, test.images)
+    result = {"detector": name, "n_test": len(test), "n_calib": len(calib), "gptq_epochs": args.gptq_epochs,
+              "float": _map(name, outputs, test.targets), "methods": {}}
+    result["float_onnx_subset"] = _map(name, tuple(t[:args.n_onnx] for t in outputs), test.targets[:args.n_onnx])
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {"detector": name, "state_dict": model.state_dict(), "calib": calib, "test": test.images,
+               "gptq_epochs": args.gptq_epochs, "budgets": weight_budgets(model, calib[:1]), "export_dir": tmp}
+        job_path = os.path.join(tmp, "job.pt")
+        torch.save(job, job_path)
+        for method in methods:
+            spec = METHODS[method]
+            python = sys.executable if spec.peer == "ours" else args.mct_python
+            if not python or not os.path.exists(python):
+                result["methods"][method] = {"error": "no --mct-python given"}
+                continue
+            out = os.path.join(tmp, "out.pt")
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE,
+                                                               os.environ.get("PYTHONPATH", "")]))
+            print(f"{name}: {method} ...", flush=True)
+            proc = subprocess.run([python, os.path.abspath(__file__), "--worker", method, job_path, out],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                lines = proc.stderr.strip().splitlines()
+                result["methods"][method] = {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
+                sys.stderr.write(proc.stderr[-2000:])
+                continue
+            got = torch.load(out, weights_only=False)
+            row = {"bits": spec.bits, "seconds": got["seconds"], "import_seconds": got["import_seconds"],
+                   "peak_rss_mb": got["peak_rss_mb"], **_map(name, got["outputs"], test.targets)}
+            if "export" in got:
+                exported = got["export"]
+                if "path" in exported:
+                    exported.update(_convert(exported["path"], os.path.join(tmp, f"{name}_{spec.peer}_imx"),
+                                             args.converter))
+                    try:
+                        exported["onnx"] = _onnx_map(name, exported["path"], test, args.n_onnx)
+                    except Exception as e:  # noqa: BLE001
+                        exported["onnx_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    exported["graph_subset"] = _map(name, tuple(t[:args.n_onnx] for t in got["outputs"]),
+                                                    test.targets[:args.n_onnx])
+                    exported.pop("path")
+                row["imx500"] = exported
+            result["methods"][method] = row
+    return result
+
+
+# ------------------------------------------------------------------ tables
+
+
+def table(result: dict) -> str:
+    ref = result["float"]
+    head = ["method", "bits", "mAP@0.5:0.95", "drop", "mAP@0.5", "drop @0.5", "quantize s", "peak RSS MB",
+            "time / MCT", "memory / MCT"]
+    rows = [head, ["float", "32", f"{ref['map']:.2f}", "", f"{ref['map_50']:.2f}", "", "", "", "", ""]]
+    for name, m in result["methods"].items():
+        if "error" in m:
+            rows.append([name, "", f"failed: {m['error'][:100]}"] + [""] * (len(head) - 3))
+            continue
+        row = [name, m["bits"], f"{m['map']:.2f}", f"{m['map'] - ref['map']:+.2f}", f"{m['map_50']:.2f}",
+               f"{m['map_50'] - ref['map_50']:+.2f}", f"{m['seconds']:.1f}", f"{m['peak_rss_mb']:.0f}"]
+        peer = name.replace("mct_fx", "MCT") if name.startswith("mct_fx") else None
+        mct = result["methods"].get(peer, {})
+        row += ([f"{m['seconds'] / mct['seconds']:.2f}", f"{m['peak_rss_mb'] / mct['peak_rss_mb']:.2f}"]
+                if "seconds" in mct else ["", ""])
+        rows.append(row)
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("---" for _ in head) + "|")
+    text = (f"### {result['detector']} ({result['n_calib']} calibration canvases, {result['n_test']} test canvases, "
+            f"GPTQ {result['gptq_epochs']} epochs)\n\n" + "\n".join(lines))
+    imx = [(n, m["imx500"]) for n, m in result["methods"].items() if "imx500" in m]
+    if imx:
+        sub = result["float_onnx_subset"]
+        head = ["IMX500 file of", "converts", "memory (of the chip)", "export s", "convert s",
+                f"ONNX mAP (first {result.get('n_onnx', '')} canvases)", "GraphModule mAP there", "float there"]
+        rows = [head]
+        for name, e in imx:
+            if "error" in e and "converts" not in e:
+                rows.append([name, f"export failed: {e['error'][:100]}", "", "", "", "", "", ""])
+                continue
+            onnx_map = f"{e['onnx']['map']:.2f}" if "onnx" in e else f"failed: {e.get('onnx_error', '')[:80]}"
+            rows.append([name, "yes" if e.get("converts") else f"no: {e.get('error', '')[:100]}",
+                         e.get("memory", ""), f"{e['seconds']:.1f}" if "seconds" in e else "",
+                         f"{e.get('seconds', 0):.0f}" if e.get("converts") else "", onnx_map,
+                         f"{e['graph_subset']['map']:.2f}", f"{sub['map']:.2f}"])
+        lines = ["| " + " | ".join(r) + " |" for r in rows]
+        lines.insert(1, "|" + "|".join("---" for _ in head) + "|")
+        text += "\n\n" + "\n".join(lines)
+    return text
+
+
+def targets(result: dict) -> list[str]:
+    ref, ms = result["float"], result["methods"]
+    out = []
+
+    def check(ok: bool, text: str) -> None:
+        out.append(f"- {'PASS' if ok else 'MISS'}: {text}")
+
+    ours, mct = ms.get("mct_fx PTQ", {}), ms.get("MCT PTQ", {})
+    if "map" in ours:
+        drop = ref["map"] - ours["map"]
+        check(drop <= 0.5, f"W8A8 mAP drop {drop:.2f} <= 0.5 points")
+        if "map" in mct:
+            check(drop <= ref["map"] - mct["map"], f"W8A8 drop {drop:.2f} <= MCT's {ref['map'] - mct['map']:.2f}")
+            check(ours["seconds"] <= mct["seconds"] / 5,
+                  f"PTQ time {ours['seconds']:.1f} s <= MCT's / 5 = {mct['seconds'] / 5:.1f} s")
+    for name in ("GPTQ W4A8", "MP 4-bit size"):
+        a, b = ms.get(f"mct_fx {name}", {}), ms.get(f"MCT {name}", {})
+        if "map" in a and "map" in b:
+            check(a["map"] > b["map"], f"{name} drop {ref['map'] - a['map']:.2f} < MCT's {ref['map'] - b['map']:.2f}")
+    a, b = ms.get("mct_fx GPTQ W4A8", {}), ms.get("MCT GPTQ W4A8", {})
+    if "seconds" in a and "seconds" in b:
+        check(a["seconds"] <= b["seconds"] / 10,
+              f"GPTQ time {a['seconds']:.1f} s <= MCT's / 10 = {b['seconds'] / 10:.1f} s")
+    e = ours.get("imx500", {})
+    if e:
+        check(bool(e.get("converts")), f"converts with the NMS on the chip ({e.get('memory') or e.get('error')})")
+    return out or ["- nothing to compare"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detectors", default=",".join(DETECTORS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--mct-python", default=os.environ.get("MCT_PYTHON"))
+    parser.add_argument("--converter", default=None, help="imxconv-pt (default: mct_fx.convert_imx500's search)")
+    parser.add_argument("--n-test", type=int, default=2000)
+    parser.add_argument("--n-calib", type=int, default=256)
+    parser.add_argument("--n-onnx", type=int, default=500, help="test canvases the converted files are run on")
+    parser.add_argument("--gptq-epochs", type=int, default=5)
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
+    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads; times exclude importing the tool")
+    argv = sys.argv[1:]
+    shown = [a for i, a in enumerate(argv) if not a.startswith("--mct-python") and not a.startswith("--converter")
+             and not (i and argv[i - 1] in ("--mct-python", "--converter"))]
+    results = []
+    sections = [f"Machine: {machine}.", f"Command: `python benchmarks/detection.py {shlex.join(shown)}`."]
+    for name in [d.strip() for d in args.detectors.split(",")]:
+        result = run_detector(name, methods, args)
+        result["n_onnx"] = args.n_onnx
+        results.append(result)
+        section = table(result) + "\n\nTargets:\n" + "\n".join(targets(result))
+        sections.append(section)
+        print(section + "\n", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "detection.md"), "w") as f:
+        f.write("\n\n".join(sections) + "\n")
+    with open(os.path.join(args.out, "detection.json"), "w") as f:
+        json.dump({"machine": machine, "results": results}, f, indent=2)
+    print(f"wrote {os.path.join(args.out, 'detection.md')} and detection.json")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:])
+    else:
+        main()
