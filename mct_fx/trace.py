@@ -49,6 +49,33 @@ class Tracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Pieces(node, self) if _pieces(node) is not None else super().proxy(node)
+
+
+class _Pieces(fx.Proxy):
+    """The result of ``x.chunk(k)`` or ``x.split([sizes])``: the call says how many pieces there are, so
+    it has a length and unpacks (YOLOv8's C2f: ``list(self.cv1(x).chunk(2, 1))``). A chunk count the
+    tensor cannot give fails in shape propagation, naming the node."""
+
+    def __len__(self) -> int:
+        return _pieces(self.node)
+
+    def __iter__(self):
+        return iter([self[i] for i in range(len(self))])
+
+
+def _pieces(node: fx.Node) -> int | None:
+    """How many tensors ``node`` (a chunk / split call) returns, when its arguments say."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or name not in ("chunk", "split"):
+        return None
+    key = "chunks" if name == "chunk" else "split_size_or_sections"
+    count = node.args[1] if len(node.args) > 1 else node.kwargs.get(key, node.kwargs.get("split_size"))
+    if name == "chunk":
+        return count if isinstance(count, int) else None
+    return len(count) if isinstance(count, (list, tuple)) else None
+
 
 def _postprocess_functions() -> tuple:
     """The ``edgemdt_cl`` NMS functions, when the package is loaded (the model using them has imported it)."""

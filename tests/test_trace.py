@@ -139,3 +139,33 @@ def test_shapes_recorded_as_torchs_shape_prop(case):
     theirs = {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}
     assert ours == theirs
     assert sum(meta is not None for meta, _ in ours.values()) >= 4
+
+
+class Pieces(nn.Module):
+    """YOLOv8's C2f pattern: the chunks of a conv's output kept in a list that grows."""
+
+    def __init__(self, how: str, chunks: int = 2):
+        super().__init__()
+        self.how, self.chunks = how, chunks
+        self.cv1, self.m, self.cv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(12, 8, 1)
+
+    def forward(self, x):
+        y = self.cv1(x)
+        parts = list(y.chunk(self.chunks, 1)) if self.how == "chunk" else list(torch.split(y, [4, 4], 1))
+        parts.append(self.m(parts[-1]))
+        return self.cv2(torch.cat(parts, 1))
+
+
+@pytest.mark.parametrize("how", ["chunk", "split"])
+def test_unpacked_chunks_trace(how):
+    model, x = Pieces(how).eval(), torch.randn(2, 3, 8, 8)
+    gm = mct_fx.trace(model, ((x,), {}))
+    assert torch.equal(gm(x), model(x))
+    q = mct_fx.quantize(model, [x], "imx500", verbose=False)
+    assert q(x).shape == (2, 8, 8, 8)
+
+
+def test_a_chunk_count_the_tensor_cannot_give_names_the_node():
+    model = Pieces("chunk", chunks=16).eval()  # 8 channels give 8 pieces, not 16
+    with pytest.raises(TraceError, match="at node 'getitem_8'"):
+        mct_fx.trace(model, ((torch.randn(2, 3, 8, 8),), {}))
