@@ -5,9 +5,13 @@
 
 Per detector (``train_detection.py`` trains and caches them; their ``forward`` ends in
 ``edgemdt_cl``'s ``multiclass_nms``): float; mct_fx PTQ W8A8, GPTQ W4A8 and mixed precision at
-the 4-bit weight size on the whole model (the NMS traced as one call, left float); MCT PTQ / GPTQ /
-MP on the network without the NMS (the way Ultralytics' IMX export runs MCT), the NMS put back after
-it; torch.ao FX PTQ (x86) on the whole model where it runs. Each method runs in a fresh worker
+the 4-bit weight size on the whole model (the NMS traced as one call, left float) for
+``imx500_16bit`` (the box coordinates at 16 bits, found from the graph; the rest 8-bit), and PTQ
+for ``imx500`` (8 bits everywhere); MCT PTQ / GPTQ / MP set up as Ultralytics' IMX export sets it
+(TPC v4.0, the decode ops at 16 bits by name), and PTQ with its default TPC v1.0 (8 bits), all
+on the network without the NMS (the way Ultralytics' IMX export runs MCT: its C2f blocks switched
+to ``forward_split``, since MCT's tracer cannot unpack ``chunk``), the NMS put back after it;
+torch.ao FX PTQ (x86) on the whole model where it runs. Each method runs in a fresh worker
 process (``--worker METHOD JOB OUT``), so its time and peak RSS are its own; every method gets the
 same calibration canvases (from the training split) and is scored on the same test canvases with
 torchmetrics' COCO mAP. The PTQ rows are also exported in MCTQ ONNX (ours: ``export_imx500``; MCT:
@@ -39,23 +43,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, HERE)
 
-from compare import _MP_IMPORTS, _batches, _mct_gen, _mct_tpc, _mct_weight_bits, _peak_rss_mb, weight_budgets  # noqa: E402
+from compare import _MP_IMPORTS, _batches, _mct_gen, _mct_tpc, _peak_rss_mb, weight_budgets  # noqa: E402
 from detection_models import DETECTORS, PreNms, WithNms  # noqa: E402
 
 # ------------------------------------------------------------------ methods (run inside workers)
 
 
-def _ours_ptq(model, job):
+def _ours_ptq(model, job, tpc: str = "imx500_16bit"):
     import mct_fx
 
-    return mct_fx.quantize(model, _batches(job["calib"]), "imx500", verbose=False)
+    return mct_fx.quantize(model, _batches(job["calib"]), tpc, verbose=False)
 
 
 def _ours_gptq(model, job):
     import mct_fx
     from mct_fx.tpc.derive import with_bits
 
-    tpc = with_bits(mct_fx.get_tpc("imx500"), weights=4)
+    tpc = with_bits(mct_fx.get_tpc("imx500_16bit"), weights=4)
     return mct_fx.gptq(model, _batches(job["calib"]), tpc, mct_fx.GPTQConfig(epochs=job["gptq_epochs"]),
                        verbose=False)
 
@@ -64,26 +68,76 @@ def _ours_mp(model, job):
     import mct_fx
 
     budget = mct_fx.ResourceUtilization(weights_memory=job["budgets"][4]["mct_fx"])
-    return mct_fx.quantize(model, _batches(job["calib"]), "imx500", target=budget, verbose=False)
+    return mct_fx.quantize(model, _batches(job["calib"]), "imx500_16bit", target=budget, verbose=False)
 
 
-def _mct_ptq(model, job, weight_bits: int = 8):
+def _mct_ptq(model, job):
+    """MCT as its IMX500 default: TPC v1.0, 8-bit activations everywhere."""
     import model_compression_toolkit as mct
 
-    net = PreNms(model).eval()
-    q, _ = mct.ptq.pytorch_post_training_quantization(net, _mct_gen(job["calib"]),
-                                                      target_platform_capabilities=_mct_tpc(),
-                                                      **_mct_weight_bits(model, weight_bits))
+    q, _ = mct.ptq.pytorch_post_training_quantization(PreNms(model, split=True).eval(), _mct_gen(job["calib"]),
+                                                      target_platform_capabilities=_mct_tpc())
+    return WithNms(q).eval()
+
+
+def _mct_ptq_as_written(model, job):
+    """MCT on the network as written (for the YOLO: C2f unpacking ``chunk``)."""
+    import model_compression_toolkit as mct
+
+    q, _ = mct.ptq.pytorch_post_training_quantization(PreNms(model).eval(), _mct_gen(job["calib"]),
+                                                      target_platform_capabilities=_mct_tpc())
+    return WithNms(q).eval()
+
+
+def _decode_names(net: torch.nn.Module) -> list[str]:
+    """fx node names of the ops computing the boxes output after the last module call (YOLO's decode:
+    sub / add / mul; MCT 2.6.1's TPC v4.0 offers no 16-bit concat), the nodes Ultralytics' IMX export
+    sets to 16 bits by name."""
+    gm = torch.fx.symbolic_trace(net)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    names, todo = [], [out]
+    while todo:
+        node = todo.pop()
+        if node.op in ("call_function", "call_method") and node.name not in names:
+            names.append(node.name)
+            todo.extend(node.all_input_nodes)
+    return [n for n in names if n.split("_")[0] in ("sub", "add", "mul")]
+
+
+def _mct_16bit_boxes(model, weight_bits: int = 8, **core):
+    """``(network, kwargs)`` for MCT set up as Ultralytics' IMX export does: TPC v4.0, the box decoding at
+    16-bit activations by name; kernels at ``weight_bits`` (manual) unless 8."""
+    import model_compression_toolkit as mct
+    from model_compression_toolkit.core.common.network_editors import NodeNameFilter, NodeTypeFilter
+
+    net = PreNms(model, split=True).eval()
+    bwc = mct.core.BitWidthConfig()
+    for name in _decode_names(net):
+        bwc.set_manual_activation_bit_width([NodeNameFilter(name)], 16)
+    if weight_bits != 8:
+        present = {type(m) for m in model.modules()}
+        bwc.set_manual_weights_bit_width([NodeTypeFilter(t) for t in (torch.nn.Conv2d, torch.nn.Linear)
+                                          if t in present], weight_bits, "weight")
+    tpc = mct.get_target_platform_capabilities(tpc_version="4.0", device_type="imx500")
+    return net, {"core_config": mct.core.CoreConfig(bit_width_config=bwc, **core),
+                 "target_platform_capabilities": tpc}
+
+
+def _mct_ptq16(model, job):
+    import model_compression_toolkit as mct
+
+    net, kwargs = _mct_16bit_boxes(model)
+    q, _ = mct.ptq.pytorch_post_training_quantization(net, _mct_gen(job["calib"]), **kwargs)
     return WithNms(q).eval()
 
 
 def _mct_gptq(model, job):
     import model_compression_toolkit as mct
 
+    net, kwargs = _mct_16bit_boxes(model, 4)
     q, _ = mct.gptq.pytorch_gradient_post_training_quantization(
-        PreNms(model).eval(), _mct_gen(job["calib"]),
-        gptq_config=mct.gptq.get_pytorch_gptq_config(n_epochs=job["gptq_epochs"]),
-        target_platform_capabilities=_mct_tpc(), **_mct_weight_bits(model, 4))
+        net, _mct_gen(job["calib"]), gptq_config=mct.gptq.get_pytorch_gptq_config(n_epochs=job["gptq_epochs"]),
+        **kwargs)
     return WithNms(q).eval()
 
 
@@ -91,11 +145,10 @@ def _mct_mp(model, job):
     import model_compression_toolkit as mct
 
     ru = mct.core.ResourceUtilization(weights_memory=job["budgets"][4]["mct"])
-    core_config = mct.core.CoreConfig(mixed_precision_config=mct.core.MixedPrecisionQuantizationConfig(
+    net, kwargs = _mct_16bit_boxes(model, mixed_precision_config=mct.core.MixedPrecisionQuantizationConfig(
         num_of_images=32))
-    q, _ = mct.ptq.pytorch_post_training_quantization(PreNms(model).eval(), _mct_gen(job["calib"]),
-                                                      target_resource_utilization=ru, core_config=core_config,
-                                                      target_platform_capabilities=_mct_tpc())
+    q, _ = mct.ptq.pytorch_post_training_quantization(net, _mct_gen(job["calib"]), target_resource_utilization=ru,
+                                                      **kwargs)
     return WithNms(q).eval()
 
 
@@ -153,13 +206,16 @@ class Method:
 
 
 METHODS = {m.name: m for m in (
-    Method("mct_fx PTQ", "W8A8", "ours", _ours_ptq, _ours_export),
-    Method("MCT PTQ", "W8A8", "mct", _mct_ptq, _mct_export),
+    Method("mct_fx PTQ", "W8A8, boxes A16", "ours", _ours_ptq, _ours_export),
+    Method("MCT PTQ", "W8A8, boxes A16", "mct", _mct_ptq16, _mct_export),
+    Method("mct_fx PTQ, 8-bit boxes", "W8A8", "ours", lambda model, job: _ours_ptq(model, job, "imx500")),
+    Method("MCT PTQ, 8-bit boxes", "W8A8", "mct", _mct_ptq),
+    Method("MCT PTQ, model as written", "W8A8", "mct", _mct_ptq_as_written),
     Method("torch.ao FX PTQ (x86)", "W8A8", "ours", _torch_ao_ptq, packages=("torch.ao.quantization.quantize_fx",)),
-    Method("mct_fx GPTQ W4A8", "W4A8", "ours", _ours_gptq),
-    Method("MCT GPTQ W4A8", "W4A8", "mct", _mct_gptq),
-    Method("mct_fx MP 4-bit size", "MP W8/4/2 A8", "ours", _ours_mp, packages=_MP_IMPORTS),
-    Method("MCT MP 4-bit size", "MP W8/4/2 A8", "mct", _mct_mp),
+    Method("mct_fx GPTQ W4A8", "W4A8, boxes A16", "ours", _ours_gptq),
+    Method("MCT GPTQ W4A8", "W4A8, boxes A16", "mct", _mct_gptq),
+    Method("mct_fx MP 4-bit size", "MP W8/4/2 A8, boxes A16", "ours", _ours_mp, packages=_MP_IMPORTS),
+    Method("MCT MP 4-bit size", "MP W8/4/2 A8, boxes A16", "mct", _mct_mp),
 )}
 
 

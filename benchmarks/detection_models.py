@@ -35,11 +35,15 @@ def nms(boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 class PreNms(nn.Module):
-    """A detector without its NMS: ``(boxes, scores)``, for a tool that quantizes the network apart."""
+    """A detector without its NMS: ``(boxes, scores)``, for a tool that quantizes the network apart;
+    ``split``: its C2f blocks switched to ``forward_split``, as Ultralytics' exporters do."""
 
-    def __init__(self, detector: nn.Module):
+    def __init__(self, detector: nn.Module, split: bool = False):
         super().__init__()
         self.detector = detector
+        for m in detector.modules():
+            if split and isinstance(m, C2f):
+                m.forward = m.forward_split
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.detector.pre_nms(x)
@@ -81,7 +85,16 @@ class C2f(nn.Module):
         self.m = nn.ModuleList(Bottleneck(self.c, shortcut) for _ in range(n))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = list(self.cv1(x).chunk(2, 1))
+        y = list(self.cv1(x).chunk(2, 1))  # as Ultralytics writes it
+        for m in self.m:
+            y.append(m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+    def forward_split(self, x: Tensor) -> Tensor:
+        """The same with split and indexing: what Ultralytics' exporters switch to (torch.fx cannot unpack
+        ``chunk``; mct_fx's tracer can)."""
+        y = self.cv1(x).split((self.c, self.c), 1)
+        y = [y[0], y[1]]
         for m in self.m:
             y.append(m(y[-1]))
         return self.cv2(torch.cat(y, 1))

@@ -22,6 +22,7 @@ from mct_fx.graph_utils import model_device
 from mct_fx.meta import ALIGNMENT, PREPARATION
 from mct_fx.passes.align_pot import apply_alignment
 from mct_fx.passes.bias_correction import add_missing_biases
+from mct_fx.passes.box_precision import box_overrides
 from mct_fx.passes.collapse_linear import collapse_linear_layers
 from mct_fx.passes.collapse_residual import collapse_residuals
 from mct_fx.passes.equalize_channels import equalize_channels
@@ -81,7 +82,7 @@ def prepare(model: nn.Module, example_batch: Any, tpc: TPCLike = "imx500", confi
     unknown = annotate(gm, target)
     for node in unknown:
         log.info("node %s (%s): op not in the vocabulary, left float", node.name, describe_target(node, gm))
-    apply_overrides(gm, config.overrides)
+    apply_overrides(gm, box_overrides(gm) + tuple(config.overrides))  # the user's overrides come last: they win
     if config.relu_bound_to_power_of_2:
         bound_relus_to_power_of_two(gm)
     insert_quantizers(gm)

@@ -3,6 +3,8 @@ exported to the IMX500 format with the NMS op the converter takes, measured at t
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 import pytest
 import torch
@@ -11,7 +13,8 @@ from torch import fx, nn
 import mct_fx
 from mct_fx.export_check import graph_outputs, run_onnxruntime
 from mct_fx.export_imx500 import EDGEMDT_DOMAIN, reference_session_options
-from mct_fx.meta import quantized_node
+from mct_fx.meta import Role, quantized_node, quantizer_module
+from mct_fx.passes.box_precision import box_nodes
 from mct_fx.quantizers import ActivationQuantizer
 from mct_fx.tpc.matching import annotation, measured_outputs
 
@@ -155,6 +158,47 @@ def test_box_decoding_is_one_float_call_exported_as_sonys_op(tmp_path):
         assert torch.equal(got, expected)
 
 
+def _activation_bits(gm: fx.GraphModule, nodes) -> dict[str, int]:
+    return {n.name: quantizer_module(gm, n.name, Role.ACTIVATION).n_bits for n in nodes}
+
+
+def test_box_coordinates_get_the_widest_activations_the_target_offers(caplog):
+    model = _detector()
+    qmodel = mct_fx.quantize(model, DATA, "imx500_16bit", verbose=False)
+    boxes = box_nodes(qmodel)
+    assert [n.name for n in boxes] == ["mul", "sub", "add", "cat"]  # d * stride, centre -/+ d, the corners
+    assert set(_activation_bits(qmodel, boxes).values()) == {16}
+    (nms,) = _nms_nodes(qmodel)
+    scores = [n for n in qmodel.graph.nodes if n.name == "sigmoid"]
+    assert _activation_bits(qmodel, scores) == {"sigmoid": 8}  # the scores and the network stay 8-bit
+    convs = [n for n in qmodel.graph.nodes if quantizer_module(qmodel, n.name, Role.ACTIVATION) is not None
+             and n not in boxes and n.name != "sigmoid"]
+    assert convs and set(_activation_bits(qmodel, convs).values()) == {8}
+    # the user's override wins
+    pinned = mct_fx.QuantConfig(overrides=(mct_fx.LayerOverride(name="cat", activation_n_bits=8),))
+    qmodel8 = mct_fx.quantize(model, DATA, "imx500_16bit", pinned, verbose=False)
+    assert _activation_bits(qmodel8, box_nodes(qmodel8))["cat"] == 8
+    # a target without 16-bit candidates: a warning names the nodes and the target to use
+    with caplog.at_level(logging.WARNING, logger="mct_fx"):
+        mct_fx.quantize(model, DATA, "imx500", verbose=False)
+    assert "nodes mul, sub, add, cat" in caplog.text and "imx500_16bit" in caplog.text
+    torch.manual_seed(0)
+    assert box_nodes(mct_fx.quantize(TinySsd().eval(), DATA, "imx500_16bit", verbose=False)) == []
+
+
+@pytest.mark.skipif(reference_session_options() is None, reason="needs mct-quantizers + onnxruntime-extensions")
+def test_16_bit_boxes_export_and_run_as_the_graph_module(tmp_path):
+    qmodel = mct_fx.quantize(_detector(), DATA, "imx500_16bit", verbose=False)
+    x = DATA[3][:1]
+    result = mct_fx.export_imx500(qmodel, x, tmp_path / "det16.onnx")
+    bits = {onnx.helper.get_attribute_value(a) for n in onnx.load(str(result.path)).graph.node
+            if n.op_type == "ActivationPOTQuantizer" for a in n.attribute if a.name == "num_bits"}
+    assert bits == {8, 16}
+    for got, expected in zip(run_onnxruntime(result.path, (x,), reference_session_options()),
+                             graph_outputs(qmodel, (x,)), strict=True):
+        assert torch.equal(got, expected)
+
+
 def test_distances_are_measured_on_boxes_and_scores():
     model = _detector()
     qmodel = mct_fx.quantize(model, DATA, "imx500", verbose=False)
@@ -194,7 +238,36 @@ def test_the_detector_reaches_the_chip_with_the_nms_on_it(tmp_path):
         converter = find_converter()
     except mct_fx.ConversionError:
         pytest.skip("imxconv-pt not installed (nox -s converter builds .nox/imx500)")
-    qmodel = mct_fx.quantize(_detector(), DATA, "imx500", verbose=False)
+    qmodel = mct_fx.quantize(_detector(), DATA, "imx500_16bit", verbose=False)  # 16-bit boxes into the NMS
     exported = mct_fx.export_imx500(qmodel, DATA[0][:1], tmp_path / "det.onnx")
     package = mct_fx.convert_imx500(exported.path, tmp_path / "imx500", converter)
     assert package.package.exists() and package.memory.fits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["yolo", "ssd"])
+def test_a_trained_detector_keeps_its_map_and_exports(name, tmp_path):
+    """The benchmark's trained detectors (benchmarks/train_detection.py; trained and cached on first use,
+    about 15 min each): W8A8 for imx500_16bit (16-bit box coordinates, the rest 8-bit) keeps mAP@0.5:0.95
+    within 1 point on 300 test canvases, the IMX500 file carries Sony's ops and runs as the GraphModule does."""
+    pytest.importorskip("torchmetrics")
+    from mct_fx.datasets import fashion_mnist_available
+
+    if not fashion_mnist_available():
+        pytest.skip("needs apt-get install -y dataset-fashion-mnist")
+    import train_detection
+    from detection_data import Mosaics, mosaics
+
+    model, _ = train_detection.load(name)
+    test = train_detection.test_canvases()
+    test = Mosaics(test.images[:300], test.targets[:300])
+    calib = mosaics("train", 128, seed=3).images.split(32)
+    qmodel = mct_fx.quantize(model, calib, "imx500_16bit", verbose=False)
+    float_map = train_detection.mean_ap(model, name, test)
+    quant_map = train_detection.mean_ap(qmodel, name, test)
+    assert float_map["map"] > 35
+    assert quant_map["map"] >= float_map["map"] - 1.0, (float_map, quant_map)
+    result = mct_fx.export_imx500(qmodel, test.images[:1], tmp_path / f"{name}.onnx")
+    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node if n.domain == EDGEMDT_DOMAIN}
+    assert ops == ({"MultiClassNMS", "FasterRCNNBoxDecode"} if name == "ssd" else {"MultiClassNMS"})
+    assert result.agreement is not None and result.agreement.faithful
