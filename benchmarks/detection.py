@@ -302,7 +302,7 @@ def _convert(path: str, out_dir: str, converter: str | None) -> dict:
         package = mct_fx.convert_imx500(path, out_dir, converter)
     except mct_fx.ConversionError as e:
         return {"converts": False, "error": str(e).splitlines()[0][:200]}
-    return {"converts": True, "seconds": package.seconds, "memory": str(package.memory),
+    return {"converts": True, "convert_seconds": package.seconds, "memory": str(package.memory),
             "share": package.memory.share, "zip_bytes": os.path.getsize(package.package)}
 
 
@@ -398,7 +398,7 @@ def table(result: dict) -> str:
                 onnx_map += f" ({e['onnx']['note']})"
             rows.append([name, "yes" if e.get("converts") else f"no: {e.get('error', '')[:100]}",
                          e.get("memory", ""), f"{e['seconds']:.1f}" if "seconds" in e else "",
-                         f"{e.get('seconds', 0):.0f}" if e.get("converts") else "", onnx_map,
+                         f"{e.get('convert_seconds', 0):.0f}" if e.get("converts") else "", onnx_map,
                          f"{e['graph_subset']['map']:.2f}", f"{sub['map']:.2f}"])
         lines = ["| " + " | ".join(r) + " |" for r in rows]
         lines.insert(1, "|" + "|".join("---" for _ in head) + "|")
