@@ -7,8 +7,9 @@ span hundreds of pixels in 256 steps: a 160x160 detector measured here gets 4-pi
 loses 15 mAP@0.5:0.95 points (mAP@0.5 barely moves). MCT's users set those ops to 16 bits by
 name (Ultralytics' IMX export does); here they are found from the graph: the nodes whose
 every use leads only to an NMS's boxes input, back to (not including) the last layer with
-weights (an SSD's ``FasterRCNNBoxDecode`` already decodes in float: nothing to widen). They become overrides put before the user's own (so the user's win), which pins them
-against mixed precision. On a target without a wider candidate (``imx500``), a warning names
+weights (an SSD's ``FasterRCNNBoxDecode`` already decodes in float: nothing to widen). They
+become overrides put before the user's own (so the user's win), which pins them against mixed
+precision. On a target without a wider candidate (``imx500``), a warning names
 them and the target to use (``imx500_16bit``).
 """
 
