@@ -531,6 +531,15 @@ def targets(result: dict) -> list[str]:
     return out or ["- nothing to compare"]
 
 
+def chosen_methods(parser: argparse.ArgumentParser, text: str, known: dict) -> list[str]:
+    """The comma-separated method names of ``text``; an unknown one is a usage error listing ``known``."""
+    methods = [m.strip() for m in text.split(",")]
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {list(known)}")
+    return methods
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="fmnist_resnet,fmnist_mobilenet,mobilenet_v2")
@@ -549,10 +558,7 @@ def main() -> None:
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--readme", action="store_true", help="also put the tables into README.md's Results section")
     args = parser.parse_args()
-    methods = [m.strip() for m in args.methods.split(",")]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
+    methods = chosen_methods(parser, args.methods, METHODS)
     machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads; medians of {args.repeats} run(s); times exclude importing "
                f"the tool")

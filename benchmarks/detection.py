@@ -43,7 +43,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, HERE)
 
-from compare import _MP_IMPORTS, _batches, _mct_gen, _mct_tpc, _peak_rss_mb, _torch_ao_ptq, weight_budgets  # noqa: E402
+from compare import (  # noqa: E402
+    _MP_IMPORTS,
+    _batches,
+    _mct_gen,
+    _mct_tpc,
+    _peak_rss_mb,
+    _torch_ao_ptq,
+    chosen_methods,
+    weight_budgets,
+)
 from detection_models import DETECTORS, PreNms, WithNms  # noqa: E402
 
 # ------------------------------------------------------------------ methods (run inside workers)
@@ -448,10 +457,7 @@ def main() -> None:
     parser.add_argument("--gptq-epochs", type=int, default=5)
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
-    methods = [m.strip() for m in args.methods.split(",")]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
+    methods = chosen_methods(parser, args.methods, METHODS)
     machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads; times exclude importing the tool")
     argv = sys.argv[1:]

@@ -6,10 +6,7 @@ import base64
 import html
 import io
 import math
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from mct_fx.troubleshoot_types import TroubleshootReport
+from typing import Any
 
 __all__ = ["render_html", "MAX_LAYER_PLOTS"]
 
@@ -52,7 +49,7 @@ def _grid(text: str) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _sqnr_plot(plt, report: TroubleshootReport) -> str:
+def _sqnr_plot(plt, report: Any) -> str:
     c = report.comparison
     order = [c.layer(n) for n in c.graph_order]
     values = [min(r.metrics["sqnr"], 100.0) for r in order]
@@ -69,7 +66,7 @@ def _sqnr_plot(plt, report: TroubleshootReport) -> str:
     return out
 
 
-def _layer_plot(plt, report: TroubleshootReport, node: str) -> str:
+def _layer_plot(plt, report: Any, node: str) -> str:
     row = report.comparison.layer(node)
     channels = row.stats.channel_absmax
     fig = plt.figure(figsize=(7.5, 2.8))
@@ -95,8 +92,9 @@ def _cell(v) -> str:
     return html.escape(str(v))
 
 
-def render_html(report: TroubleshootReport) -> str:
-    """The page: summary, findings, the per-layer table (flagged rows red) and the plots."""
+def render_html(report: Any) -> str:
+    """The page of a :class:`~mct_fx.troubleshoot_types.TroubleshootReport` (which imports this module, so it
+    is read by its fields, not imported): summary, findings, the per-layer table (flagged rows red), plots."""
     plt = _pyplot()
     c = report.comparison
     e = html.escape

@@ -137,3 +137,4 @@ def test_the_reader_sees_function_level_imports():
     """The reader itself: a known function-level import is found, a TYPE_CHECKING one is not."""
     assert "mct_fx.report_html" in GRAPH["mct_fx.troubleshoot_types"]
     assert "mct_fx.troubleshoot_types" not in GRAPH["mct_fx.report_html"]
+    assert "mct_fx.mixed_precision.search" not in GRAPH["mct_fx.quant_summary"]  # imported for typing only

@@ -66,9 +66,10 @@ def box_overrides(gm: fx.GraphModule) -> tuple[LayerOverride, ...]:
         if widest > ann.config.activation_n_bits:
             overrides.append(LayerOverride(name=node.name, activation_n_bits=widest))
         else:
-            narrow.append(node.name)
+            narrow.append(node)
     if narrow:
         log.warning("the boxes the NMS reads are computed at %d-bit activations (nodes %s): coarse coordinates "
                     "cost mAP at strict IoU; a target with 16-bit activation candidates (imx500_16bit) keeps "
-                    "them at 16 bits", annotation(box_nodes(gm)[0]).config.activation_n_bits, ", ".join(narrow))
+                    "them at 16 bits", annotation(narrow[0]).config.activation_n_bits,
+                    ", ".join(n.name for n in narrow))
     return tuple(overrides)
