@@ -47,6 +47,8 @@ from mct_fx.export_check import Agreement, ExportError, agreement, float_outputs
 from mct_fx.export_check import run_onnxruntime as run_session
 from mct_fx.graph_utils import LAYERS, attr_value
 from mct_fx.passes.explicit_shift import explicit_shift
+from mct_fx.passes.lower_rank import MAX_RANK, lower_rank
+from mct_fx.passes.order_fc_readers import order_fc_readers
 from mct_fx.quantizers.clamp import BoundedReLU
 from mct_fx.quantizers.lut import LutWeightQuantizer
 from mct_fx.quantizers.modules import ActivationQuantizer, FakeQuantizer, WeightQuantizer
@@ -251,10 +253,26 @@ def _check_bits_into_conv(gm: fx.GraphModule, qnode: fx.Node, q: ActivationQuant
             stack.extend(user.users)
 
 
-def _imx500_ready(qmodel: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, float], list[str]]:
-    """A copy of ``qmodel`` whose quantizers export as ``mct_quantizers`` ops; the output step of each
-    activation quantizer (by node name); the activation quantizers that were shifted."""
+def _check_rank(gm: fx.GraphModule) -> None:
+    """Every tensor at most 4-D (``tensor_meta`` from :func:`lower_rank`): the converter refuses others."""
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+        if len(shape) > MAX_RANK:
+            raise ExportError(f"node {node.name!r} makes a {len(shape)}-D tensor {list(shape)}; the IMX500 "
+                              f"converter takes at most {MAX_RANK}-D tensors (a view -> permute -> reshape chain "
+                              "is rewritten when its merged form fits; reshape this one in the model)")
+
+
+def _imx500_ready(qmodel: fx.GraphModule,
+                  inputs: tuple[Tensor, ...]) -> tuple[fx.GraphModule, dict[str, float], list[str]]:
+    """A copy of ``qmodel`` whose quantizers export as ``mct_quantizers`` ops and whose tensors are at
+    most 4-D; the output step of each activation quantizer (by node name); the activation quantizers
+    that were shifted."""
     gm = copy.deepcopy(qmodel)
+    lower_rank(gm, inputs)
+    _check_rank(gm)
+    order_fc_readers(gm)
     for node, q in [(n, _quantizer(gm, n)) for n in gm.graph.nodes]:
         if q is None:
             continue
@@ -367,7 +385,7 @@ def export_imx500(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, 
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ExportError(f"example input {i}: the IMX500 takes a static batch of 1, got shape {shape} "
                               "(pass x[:1])")
-    gm, steps, shifted = _imx500_ready(qmodel)
+    gm, steps, shifted = _imx500_ready(qmodel, inputs)
     gm.eval()
     expected = graph_outputs(qmodel, inputs)
     path = Path(path)
