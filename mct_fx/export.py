@@ -29,7 +29,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, fx, nn
 
-from mct_fx.export_check import Agreement, ExportError, agreement, float_outputs, graph_outputs, output_step
+from mct_fx.export_check import (
+    EDGEMDT_DOMAIN,
+    Agreement,
+    ExportError,
+    agreement,
+    edgemdt_session_options,
+    float_outputs,
+    graph_outputs,
+    has_postprocess,
+    output_step,
+)
 from mct_fx.export_check import run_onnxruntime as run_session
 from mct_fx.graph_utils import attr_value
 from mct_fx.kernels import dequantize, fake_quant
@@ -228,6 +238,7 @@ def export_onnx(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, ..
     if codes is None:
         raise ExportError(f"weights_dtype must be 'int8' or 'uint8', got {weights_dtype!r}")
     gm, needs_16, steps = _onnx_ready(qmodel, codes)
+    post = has_postprocess(qmodel)  # Sony's NMS / box decoding: EdgeMDT ops, whose kernels the check needs
     if opset is None:
         opset = _MAX_OPSET if needs_16 else _TORCH_MAX_OPSET
     if not _MIN_OPSET <= opset <= _MAX_OPSET:
@@ -245,7 +256,7 @@ def export_onnx(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, ..
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(gm, inputs, str(path), dynamo=False, opset_version=min(opset, _TORCH_MAX_OPSET),
                           input_names=names_in, output_names=names_out, dynamic_axes=axes,
-                          do_constant_folding=True)
+                          do_constant_folding=True, custom_opsets={EDGEMDT_DOMAIN: 1} if post else None)
     model = onnx.load(str(path))
     if opset > _TORCH_MAX_OPSET:  # ops changed at 21 only gained types: the opset-20 graph means the same
         for imp in model.opset_import:
@@ -256,7 +267,7 @@ def export_onnx(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, ..
     ops = [n.op_type for n in model.graph.node]
     agreed = None
     if verify:
-        got = _run_onnxruntime(path, inputs)
+        got = _run_onnxruntime(path, inputs, post)
         if got is not None:
             agreed = agreement(got, expected, float_outputs(qmodel, inputs), output_step(qmodel, steps))
     result = ExportResult(path, opset, ops.count("QuantizeLinear"), ops.count("DequantizeLinear"), agreed)
@@ -269,14 +280,21 @@ def export_onnx(qmodel: fx.GraphModule, example_input: Tensor | tuple[Tensor, ..
     return result
 
 
-def _run_onnxruntime(path: Path, inputs: tuple[Tensor, ...]) -> list[Tensor] | None:
+def _run_onnxruntime(path: Path, inputs: tuple[Tensor, ...], post: bool) -> list[Tensor] | None:
     """The file's outputs under onnxruntime with graph optimizations off, i.e. the ONNX
-    semantics of QDQ (fused int8 kernels may differ by hardware); None without onnxruntime."""
+    semantics of QDQ (fused int8 kernels may differ by hardware); None without onnxruntime, or,
+    for a file with ``EdgeMDT`` ops (``post``), without their kernels."""
     try:
         import onnxruntime as ort
     except ImportError:
         log.info("onnxruntime not installed: %s not run", path)
         return None
+    if post:
+        options = edgemdt_session_options()
+        if options is None:
+            log.warning("%s holds Sony's EdgeMDT ops (NMS / box decoding); it is not run: their kernels need "
+                        "pip install 'mct-fx[imx500]' (edge-mdt-cl, onnxruntime-extensions)", path)
+        return None if options is None else run_session(path, inputs, options)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return run_session(path, inputs, options)

@@ -18,7 +18,11 @@ from mct_fx.measure import energy_ratio_db
 from mct_fx.quantizers.modules import quantizers_off
 
 __all__ = ["ExportError", "Agreement", "agreement", "float_outputs", "graph_outputs", "output_step",
-           "run_onnxruntime"]
+           "run_onnxruntime", "EDGEMDT_DOMAIN", "has_postprocess", "define_edgemdt_kernels", "edgemdt_session_options"]
+
+EDGEMDT_DOMAIN = "EdgeMDT"  # Sony's detection post-processing (edgemdt_cl), opset 1
+_EDGEMDT_KERNELS = ("edgemdt_cl.pytorch.nms.nms_ort", "edgemdt_cl.pytorch.nms_obb.nms_obb_ort",
+                    "edgemdt_cl.pytorch.box_decode.box_decode_ort")
 
 
 class ExportError(RuntimeError):
@@ -85,6 +89,43 @@ def agreement(got: list[Tensor], expected: list[Tensor], floats: list[Tensor], s
     return Agreement(max_abs_diff=float(diffs.max()), output_step=step,
                      within_one_step=float((diffs <= tol).float().mean()),
                      sqnr_graph_module_db=_sqnr_db(floats, expected), sqnr_onnx_db=_sqnr_db(floats, got))
+
+
+def has_postprocess(gm: fx.GraphModule) -> bool:
+    """``gm`` calls Sony's detection post-processing (NMS, box decoding): its file has ``EdgeMDT`` ops."""
+    from mct_fx.tpc.matching import annotation
+    from mct_fx.tpc.vocabulary import POSTPROCESS_OPS
+
+    return any((a := annotation(n)) is not None and a.op in POSTPROCESS_OPS for n in gm.graph.nodes)
+
+
+def define_edgemdt_kernels() -> bool:
+    """Define the reference kernels of the ``EdgeMDT`` ops (edge-mdt-cl's, run by onnxruntime-extensions);
+    False when either is not installed.  Call it before the extensions library is registered on a session."""
+    import importlib
+
+    try:
+        import onnxruntime_extensions  # noqa: F401
+
+        for module in _EDGEMDT_KERNELS:
+            importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def edgemdt_session_options():
+    """onnxruntime session options with the ``EdgeMDT`` reference kernels, graph optimizations off; None when
+    edge-mdt-cl or onnxruntime-extensions is not installed."""
+    if not define_edgemdt_kernels():
+        return None
+    import onnxruntime as ort
+    import onnxruntime_extensions
+
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(onnxruntime_extensions.get_library_path())
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
 
 
 def run_onnxruntime(path: Path, inputs: tuple[Tensor, ...], options) -> list[Tensor]:

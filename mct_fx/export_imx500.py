@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import importlib
 import logging
 import os
 import sys
@@ -43,7 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from mct_fx.export_check import Agreement, ExportError, agreement, float_outputs, graph_outputs, output_step
+from mct_fx.export_check import (
+    EDGEMDT_DOMAIN,
+    Agreement,
+    ExportError,
+    agreement,
+    define_edgemdt_kernels,
+    float_outputs,
+    graph_outputs,
+    output_step,
+)
 from mct_fx.export_check import run_onnxruntime as run_session
 from mct_fx.graph_utils import LAYERS, attr_value
 from mct_fx.passes.explicit_shift import explicit_shift
@@ -61,12 +69,9 @@ __all__ = ["export_imx500", "Imx500ExportResult", "MCTQ_DOMAIN", "reference_sess
 log = logging.getLogger("mct_fx")
 
 MCTQ_DOMAIN = "mct_quantizers"
-EDGEMDT_DOMAIN = "EdgeMDT"  # Sony's detection post-processing (edgemdt_cl), opset 1
 MCTQ_VERSION = "1.6.0"  # the mct-quantizers release imx500-converter 3.19 is built with
 OPSET = 20  # the converter takes opsets 15..20
 _MAX_IR_VERSION = 10  # the converter checks the file with onnx 1.17
-_EDGEMDT_KERNELS = ("edgemdt_cl.pytorch.nms.nms_ort", "edgemdt_cl.pytorch.nms_obb.nms_obb_ort",
-                    "edgemdt_cl.pytorch.box_decode.box_decode_ort")
 _LUT_EPS = 1e-8  # the LUT ops divide by (threshold + eps)
 # ops that move or select values without computing new ones: their output keeps the input's grid
 _PRESERVING = ("Dropout", "Identity", "Flatten", "Reshape", "Permute", "Transpose", "Squeeze", "Unsqueeze",
@@ -357,8 +362,7 @@ def reference_session_options():
     import onnxruntime as ort
 
     if "edgemdt_cl.pytorch" in sys.modules:  # a model with Sony's NMS / box decoding: their kernels too
-        for module in _EDGEMDT_KERNELS:
-            importlib.import_module(module)  # defines the ops before the library is registered below
+        define_edgemdt_kernels()  # before mct_quantizers registers the library
     options = mct_quantizers.get_ort_session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options

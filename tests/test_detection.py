@@ -11,8 +11,8 @@ import torch
 from torch import fx, nn
 
 import mct_fx
-from mct_fx.export_check import graph_outputs, run_onnxruntime
-from mct_fx.export_imx500 import EDGEMDT_DOMAIN, reference_session_options
+from mct_fx.export_check import EDGEMDT_DOMAIN, edgemdt_session_options, graph_outputs, run_onnxruntime
+from mct_fx.export_imx500 import reference_session_options
 from mct_fx.meta import Role, quantized_node, quantizer_module
 from mct_fx.passes.box_precision import box_nodes
 from mct_fx.quantizers import ActivationQuantizer
@@ -271,3 +271,32 @@ def test_a_trained_detector_keeps_its_map_and_exports(name, tmp_path):
     ops = {n.op_type for n in onnx.load(str(result.path)).graph.node if n.domain == EDGEMDT_DOMAIN}
     assert ops == ({"MultiClassNMS", "FasterRCNNBoxDecode"} if name == "ssd" else {"MultiClassNMS"})
     assert result.agreement is not None and result.agreement.faithful
+
+
+@pytest.mark.skipif(edgemdt_session_options() is None, reason="needs onnxruntime-extensions")
+@pytest.mark.parametrize("make", [_detector, lambda: TinySsd().eval()], ids=["anchor-free", "ssd"])
+def test_qdq_file_keeps_sonys_ops_and_runs_as_the_graph_module(make, tmp_path):
+    """The QDQ export writes the NMS / box decoding as the same EdgeMDT ops and checks the file with their
+    reference kernels: the outputs are the GraphModule's, bit for bit."""
+    torch.manual_seed(0)
+    qmodel = mct_fx.quantize(make(), DATA, "int8", verbose=False)
+    x = DATA[1][:1]
+    result = mct_fx.export_onnx(qmodel, x, tmp_path / "det_qdq.onnx")
+    model = onnx.load(str(result.path))
+    assert "MultiClassNMS" in {n.op_type for n in model.graph.node if n.domain == EDGEMDT_DOMAIN}
+    assert (EDGEMDT_DOMAIN, 1) in {(o.domain, o.version) for o in model.opset_import}
+    assert result.n_quantize > 0 and result.agreement is not None and result.agreement.max_abs_diff == 0
+    for got, expected in zip(run_onnxruntime(result.path, (x,), edgemdt_session_options()),
+                             graph_outputs(qmodel, (x,)), strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_qdq_file_with_sonys_ops_is_not_run_without_their_kernels(tmp_path, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setattr(sys.modules["mct_fx.export"], "edgemdt_session_options", lambda: None)
+    qmodel = mct_fx.quantize(_detector(), DATA, "int8", verbose=False)
+    with caplog.at_level(logging.WARNING, logger="mct_fx"):
+        result = mct_fx.export_onnx(qmodel, DATA[1][:1], tmp_path / "det_qdq.onnx")
+    assert result.agreement is None and result.path.exists()
+    assert "EdgeMDT ops" in caplog.text and "mct-fx[imx500]" in caplog.text
