@@ -64,13 +64,16 @@ def _ours_ptq(model, job, tpc: str = "imx500_16bit"):
     return mct_fx.quantize(model, _batches(job["calib"]), tpc, verbose=False)
 
 
-def _ours_gptq(model, job):
+def _ours_gptq(model, job, keep_readout: bool = True):
+    """4-bit kernels but YOLO's DFL readout (a fixed 1x1 conv with weights 0..15: at 4 bits the expected
+    distances it reads out are lost), which stays at 8 bits for both tools unless not ``keep_readout``."""
     import mct_fx
     from mct_fx.tpc.derive import with_bits
 
     tpc = with_bits(mct_fx.get_tpc("imx500_16bit"), weights=4)
+    keep = tuple(mct_fx.LayerOverride(name=n, weights_n_bits=8) for n in _readout_modules(model) if keep_readout)
     return mct_fx.gptq(model, _batches(job["calib"]), tpc, mct_fx.GPTQConfig(epochs=job["gptq_epochs"]),
-                       verbose=False)
+                       quant_config=mct_fx.QuantConfig(overrides=keep), verbose=False)
 
 
 def _ours_mp(model, job):
@@ -96,6 +99,11 @@ def _mct_ptq_as_written(model, job):
     q, _ = mct.ptq.pytorch_post_training_quantization(PreNms(model).eval(), _mct_gen(job["calib"]),
                                                       target_platform_capabilities=_mct_tpc())
     return WithNms(q).eval()
+
+
+def _readout_modules(model: torch.nn.Module) -> list[str]:
+    """Module paths of fixed readout layers kept at 8 bits in the W4 rows (YOLO's DFL)."""
+    return ["dfl"] if hasattr(model, "dfl") else []
 
 
 def _decode_names(net: torch.nn.Module) -> list[str]:
@@ -127,6 +135,11 @@ def _mct_16bit_boxes(model, weight_bits: int = 8, **core):
         present = {type(m) for m in model.modules()}
         bwc.set_manual_weights_bit_width([NodeTypeFilter(t) for t in (torch.nn.Conv2d, torch.nn.Linear)
                                           if t in present], weight_bits, "weight")
+        gm = torch.fx.symbolic_trace(net)
+        readouts = [n.name for n in gm.graph.nodes if n.op == "call_module"
+                    and n.target in {f"detector.{m}" for m in _readout_modules(model)}]
+        if readouts:  # later selections override earlier ones in MCT's BitWidthConfig
+            bwc.set_manual_weights_bit_width([NodeNameFilter(n) for n in readouts], 8, "weight")
     tpc = mct.get_target_platform_capabilities(tpc_version="4.0", device_type="imx500")
     return net, {"core_config": mct.core.CoreConfig(bit_width_config=bwc, **core),
                  "target_platform_capabilities": tpc}
@@ -208,8 +221,9 @@ METHODS = {m.name: m for m in (
     Method("MCT PTQ (8-bit boxes)", "W8A8", "mct", _mct_ptq),
     Method("MCT PTQ (model as written)", "W8A8", "mct", _mct_ptq_as_written),
     Method("torch.ao FX PTQ (x86)", "W8A8", "ours", _torch_ao_ptq, packages=("torch.ao.quantization.quantize_fx",)),
-    Method("mct_fx GPTQ W4A8", "W4A8, boxes A16", "ours", _ours_gptq),
-    Method("MCT GPTQ W4A8", "W4A8, boxes A16", "mct", _mct_gptq),
+    Method("mct_fx GPTQ W4A8", "W4A8 (DFL W8), boxes A16", "ours", _ours_gptq),
+    Method("MCT GPTQ W4A8", "W4A8 (DFL W8), boxes A16", "mct", _mct_gptq),
+    Method("mct_fx GPTQ W4A8 (DFL W4)", "W4A8, boxes A16", "ours", lambda model, job: _ours_gptq(model, job, False)),
     Method("mct_fx MP 4-bit size", "MP W8/4/2 A8, boxes A16", "ours", _ours_mp, packages=_MP_IMPORTS),
     Method("MCT MP 4-bit size", "MP W8/4/2 A8, boxes A16", "mct", _mct_mp),
 )}
@@ -343,8 +357,12 @@ def run_detector(name: str, methods: list[str], args) -> dict:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE,
                                                                os.environ.get("PYTHONPATH", "")]))
             print(f"{name}: {method} ...", flush=True)
-            proc = subprocess.run([python, os.path.abspath(__file__), "--worker", method, job_path, out],
-                                  capture_output=True, text=True, env=env)
+            try:
+                proc = subprocess.run([python, os.path.abspath(__file__), "--worker", method, job_path, out],
+                                      capture_output=True, text=True, env=env, timeout=args.method_timeout)
+            except subprocess.TimeoutExpired:
+                result["methods"][method] = {"error": f"stopped after {args.method_timeout:.0f} s (--method-timeout)"}
+                continue
             if proc.returncode != 0:
                 lines = proc.stderr.strip().splitlines()
                 result["methods"][method] = {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
@@ -455,6 +473,7 @@ def main() -> None:
     parser.add_argument("--n-calib", type=int, default=256)
     parser.add_argument("--n-onnx", type=int, default=500, help="test canvases the converted files are run on")
     parser.add_argument("--gptq-epochs", type=int, default=5)
+    parser.add_argument("--method-timeout", type=float, default=None, help="seconds one method may run")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
     methods = chosen_methods(parser, args.methods, METHODS)
