@@ -294,7 +294,8 @@ def _run_onnxruntime(path: Path, inputs: tuple[Tensor, ...], post: bool) -> list
         if options is None:
             log.warning("%s holds Sony's EdgeMDT ops (NMS / box decoding); it is not run: their kernels need "
                         "pip install 'mct-fx[imx500]' (edge-mdt-cl, onnxruntime-extensions)", path)
-        return None if options is None else run_session(path, inputs, options)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            return None
+    else:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return run_session(path, inputs, options)

@@ -53,7 +53,7 @@ from mct_fx.export_check import (
     output_step,
 )
 from mct_fx.export_check import run_onnxruntime as run_session
-from mct_fx.graph_utils import LAYERS, attr_value
+from mct_fx.graph_utils import LAYERS, attr_value, tensor_shape
 from mct_fx.passes.explicit_shift import explicit_shift
 from mct_fx.passes.lower_rank import MAX_RANK, lower_rank
 from mct_fx.passes.order_fc_readers import order_fc_readers
@@ -261,8 +261,7 @@ def _check_bits_into_conv(gm: fx.GraphModule, qnode: fx.Node, q: ActivationQuant
 def _check_rank(gm: fx.GraphModule) -> None:
     """Every tensor at most 4-D (``tensor_meta`` from :func:`lower_rank`): the converter refuses others."""
     for node in gm.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+        shape = tensor_shape(node) or ()
         if len(shape) > MAX_RANK:
             raise ExportError(f"node {node.name!r} makes a {len(shape)}-D tensor {list(shape)}; the IMX500 "
                               f"converter takes at most {MAX_RANK}-D tensors (a view -> permute -> reshape chain "

@@ -45,6 +45,12 @@ def quantizer_nodes(gm: fx.GraphModule, cls: type) -> list[tuple[fx.Node, nn.Mod
     return out
 
 
+def tensor_shape(node: object) -> tuple[int, ...] | None:
+    """The shape ``ShapeProp`` recorded on ``node`` (``tensor_meta``); None for a non-tensor or unrecorded node."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
 def groups_of(layer: fx.Node) -> int:
     """Groups of a functional conv node (1 for linear).
 

@@ -20,6 +20,8 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from mct_fx.graph_utils import tensor_shape
+
 __all__ = ["lower_rank", "merged_permutation", "MAX_RANK"]
 
 MAX_RANK = 4
@@ -44,11 +46,6 @@ def merged_permutation(shape: tuple[int, ...], perm: tuple[int, ...]) -> tuple[t
     return merged, tuple(by_source.index(run) for run in runs)
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
 def _perm_of(node: fx.Node) -> tuple[int, ...]:
     dims = node.args[1:] if node.op == "call_method" else (node.args[1],)
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
@@ -62,7 +59,7 @@ def lower_rank(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> 
 
     Shapes come from running ``gm`` on ``example_inputs`` (static on export); every node has its
     ``tensor_meta`` afterwards."""
-    ShapeProp(gm).propagate(*example_inputs)
+    ShapeProp(gm).propagate(*example_inputs)  # the inputs' own shapes: the new reshapes take them literally
     rewritten = []
     for permute in list(gm.graph.nodes):
         if (permute.op, permute.target) not in _PERMUTES or len(permute.users) == 0:
@@ -70,7 +67,7 @@ def lower_rank(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> 
         view = permute.args[0]
         if not (isinstance(view, fx.Node) and (view.op, view.target) in _VIEWS and len(view.users) == 1):
             continue
-        shape, source = _shape(view), view.args[0]
+        shape, source = tensor_shape(view), view.args[0]
         if shape is None or len(shape) <= MAX_RANK or not isinstance(source, fx.Node):
             continue
         if not all((u.op, u.target) in _VIEWS for u in permute.users):

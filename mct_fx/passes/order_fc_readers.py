@@ -15,21 +15,17 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx
 
+from mct_fx.graph_utils import groups_of, tensor_shape
+
 __all__ = ["order_fc_readers"]
-
-
-def _shape(node: object) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _fully_connected(node: fx.Node) -> bool:
     """A 1x1 ungrouped 2-D convolution of a 1x1 map, as the converter sees one."""
     if not (node.op == "call_function" and node.target is F.conv2d):
         return False
-    x, w = _shape(node.args[0]), _shape(node.args[1])
-    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-    return x is not None and w is not None and x[-2:] == (1, 1) and w[-2:] == (1, 1) and groups == 1
+    x, w = tensor_shape(node.args[0]), tensor_shape(node.args[1])
+    return x is not None and w is not None and x[-2:] == (1, 1) and w[-2:] == (1, 1) and groups_of(node) == 1
 
 
 def _read_through(node: fx.Node) -> fx.Node:
@@ -62,9 +58,9 @@ def order_fc_readers(gm: fx.GraphModule) -> list[str]:
     Needs ``tensor_meta`` on the nodes (``ShapeProp``; :func:`~mct_fx.passes.lower_rank.lower_rank`
     leaves it).  A reader that depends on the first reader's result stays where it is."""
     moved = []
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
     for layer in [n for n in gm.graph.nodes if _fully_connected(n)]:
         out = _read_through(layer)
-        position = {n: i for i, n in enumerate(gm.graph.nodes)}
         readers = sorted(out.users, key=position.__getitem__)
         if len(readers) < 2 or not _fully_connected(readers[0]):
             continue
@@ -78,6 +74,7 @@ def order_fc_readers(gm: fx.GraphModule) -> list[str]:
             for n in chain:
                 first.prepend(n)
             moved.append(other.name)
+            position = {n: i for i, n in enumerate(gm.graph.nodes)}
             break
     if moved:
         gm.graph.lint()
