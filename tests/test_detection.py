@@ -4,6 +4,7 @@ exported to the IMX500 format with the NMS op the converter takes, measured at t
 from __future__ import annotations
 
 import logging
+import warnings
 
 import onnx
 import pytest
@@ -13,8 +14,10 @@ from torch import fx, nn
 import mct_fx
 from mct_fx.export_check import EDGEMDT_DOMAIN, edgemdt_session_options, graph_outputs, run_onnxruntime
 from mct_fx.export_imx500 import reference_session_options
+from mct_fx.hessian import HessianService
 from mct_fx.meta import Role, quantized_node, quantizer_module
 from mct_fx.passes.box_precision import box_nodes
+from mct_fx.prepare import float_reference
 from mct_fx.quantizers import ActivationQuantizer
 from mct_fx.tpc.matching import annotation, measured_outputs
 
@@ -208,6 +211,22 @@ def test_distances_are_measured_on_boxes_and_scores():
     table = mct_fx.compare(model, qmodel, DATA[:2])
     assert table.reference.startswith("float model (prepared again")
     assert 5 < table.output["sqnr"] < 80 and table.output["cosine"] > 0.9
+
+
+def test_an_ssd_is_measured_and_differentiated_at_its_box_codes():
+    """Sony's box decode has no gradient: differentiating through it would give the box layers a zero
+    Hessian (with only a warning); the codes it reads are measured instead."""
+    torch.manual_seed(0)
+    qmodel = mct_fx.quantize(TinySsd().eval(), DATA, "imx500", verbose=False)
+    (decode,) = [n for n in qmodel.graph.nodes if annotation(n) is not None and annotation(n).op == "BoxDecode"]
+    measured = measured_outputs(qmodel)
+    assert measured[0] is decode.args[0] and annotation(measured[1]).op == "GetItem"
+    (box,) = [n for n in qmodel.graph.nodes if n.op == "call_function" and n.name.startswith("box")]
+    reference = float_reference(TinySsd().eval(), DATA[0], qmodel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch's "autograd kernel was not registered"
+        hessian = HessianService(reference, DATA[:1]).activations([box])
+    assert hessian[box.name].min() > 0
 
 
 def test_mixed_precision_and_gptq_take_a_detector():

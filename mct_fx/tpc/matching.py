@@ -145,10 +145,22 @@ def _postprocessing(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     return None
 
 
+def _network_outputs(source: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
+    """The network tensors a post-processing node reads, through other post-processing (a box decode)."""
+    found = []
+    for node in source.all_input_nodes:
+        if node.op == "get_attr":
+            continue
+        inner = _postprocessing(node, gm)
+        found.extend(_network_outputs(inner, gm) if inner is not None else [node])
+    return found
+
+
 def measured_outputs(gm: fx.GraphModule) -> list | None:
     """What a float-vs-quantized distance on the model output is measured on, when not the output itself: for
-    outputs of detection post-processing (NMS: a selection, labels, counts), its inputs (boxes and scores).
-    None when no output comes from post-processing."""
+    outputs of detection post-processing (NMS: a selection, labels, counts), the network tensors it reads
+    (boxes and scores; an SSD's box codes where a post-processing box decode reads them: that op has no
+    gradient, and the Hessian differentiates these tensors).  None when no output comes from post-processing."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     leaves = tree_leaves(out.args[0])
     sources = [_postprocessing(leaf, gm) for leaf in leaves]
@@ -156,10 +168,10 @@ def measured_outputs(gm: fx.GraphModule) -> list | None:
         return None
     measured: list = []
     for leaf, source in zip(leaves, sources, strict=True):
-        for node in [a for a in source.all_input_nodes if a.op != "get_attr"] if source is not None else [leaf]:
+        for node in _network_outputs(source, gm) if source is not None else [leaf]:
             if not any(node is m for m in measured):
                 measured.append(node)
-    return measured  # decoded boxes feeding an NMS are measured as they are: continuous values
+    return measured  # boxes decoded by the network's own ops are measured as they are: continuous values
 
 
 def measured_view(gm: fx.GraphModule) -> fx.GraphModule:
