@@ -249,3 +249,36 @@ def test_inplace_reuses_the_model_modules():
     model = Small().eval()
     q = mct_fx.quantize(model, [torch.randn(2, 3, 8, 8)], "imx500", inplace=True, verbose=False)
     assert q.get_submodule("conv") is model.conv  # the caller allowed mutation: no copy
+
+
+class ConfidentScores(nn.Module):
+    """Softmax over 11 columns, one of them (a detector's background) near 1 almost everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 11, 1)
+        with torch.no_grad():
+            self.conv.bias.copy_(torch.tensor([9.0] + [0.0] * 10))
+
+    def forward(self, x):
+        return self.conv(x).flatten(2).transpose(1, 2).softmax(-1)
+
+
+def test_softmax_grid_stops_at_one():
+    """Many values at 1 make the search prefer threshold 2 (1 is just off an unsigned grid of threshold 1);
+    the cap keeps threshold 1, so the small scores keep their resolution."""
+    from mct_fx.quantizers.search import activation_grid
+
+    torch.manual_seed(0)
+    model = ConfidentScores().eval()
+    data = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    qmodel = mct_fx.quantize(model, data, "imx500", verbose=False)
+    (q,) = [m for n, m in qmodel.named_modules() if isinstance(m, ActivationQuantizer) and "softmax" in n]
+    assert not q.signed and float(q.scale) == 2 ** -8  # threshold 1
+    observed = ActivationQuantizer("power_of_two", 8)
+    for x in data:
+        observed.observer.update(model(x).detach())
+    centres, counts = observed.observer.centres_and_counts()
+    scale, _, _ = activation_grid(centres, counts, observed.observer.min, observed.observer.max,
+                                  q.method, 8, None, "mse", 2.0)
+    assert float(scale) == 2 ** -7  # the search alone: threshold 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, fx
 
 from mct_fx.config import QuantConfig
@@ -13,6 +14,7 @@ from mct_fx.passes.shift_negative import shiftable_quantizers
 from mct_fx.quantizers.modules import ActivationQuantizer, WeightQuantizer
 from mct_fx.quantizers.search import ErrorMethod
 from mct_fx.tpc.matching import annotation
+from mct_fx.tpc.vocabulary import UNIT_RANGE_OPS
 
 __all__ = ["freeze_quantizers", "activation_freezer", "error_method"]
 
@@ -28,7 +30,12 @@ def error_method(nodes: dict[str, fx.Node], qnode: fx.Node | None, kind: str, de
 def activation_freezer(gm: fx.GraphModule, config: QuantConfig) -> Callable[[str, ActivationQuantizer], None]:
     """``freeze(target, q)``: freeze activation quantizer ``q`` as the one at ``gm.<target>`` would be.
 
-    (Same error method, shift-negative decision and outlier filter; ``q`` need not be in the graph.)
+    (Same error method, shift-negative decision, outlier filter and range cap; ``q`` need not be in the
+    graph.)  An unsigned power-of-two / symmetric grid on an op whose outputs lie in [0, 1] (softmax,
+    sigmoid) gets a threshold of at most 1: the search may prefer 2 when many values sit at 1 itself
+    (an SSD's background column), since 1 is just off the grid, but that doubles the step of every
+    other value (the scores a detector reads) to save values at 1 less than a step (TFLite fixes these
+    outputs at 1/256 for the same reason).
     """
     shiftable = shiftable_quantizers(gm) if config.shift_negative_correction else set()
     by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
@@ -41,6 +48,12 @@ def activation_freezer(gm: fx.GraphModule, config: QuantConfig) -> Callable[[str
         q.freeze(error, config.lp_norm,
                  shift_negative_ratio=config.shift_negative_ratio if target in shiftable else None,
                  z_threshold=config.z_threshold, shift_negative_search=config.shift_negative_params_search)
+        source = nodes.get(quantized_node(by_target[target])) if target in by_target else None
+        ann = annotation(source) if source is not None else None
+        if ann is not None and ann.op in UNIT_RANGE_OPS and not q.signed and q.method.symmetric_grid:
+            unit = torch.tensor(2.0 ** -q.n_bits)
+            if float(q.scale) > float(unit):
+                q.set_grid(unit, torch.zeros(()))
 
     return freeze
 

@@ -24,7 +24,7 @@ from torch import fx, nn
 from mct_fx.quantizers.clamp import BoundedReLU
 
 __all__ = ["op_name", "external_op", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS", "EXTERNAL_OPS", "LINEAR_OPS",
-           "ACTIVATION_OPS", "POSTPROCESS_OPS"]
+           "ACTIVATION_OPS", "POSTPROCESS_OPS", "UNIT_RANGE_OPS"]
 
 MODULE_OPS: dict[type, str] = {
     nn.Conv1d: "Conv", nn.Conv2d: "Conv", nn.Conv3d: "Conv",
@@ -113,6 +113,8 @@ LINEAR_OPS = ("Conv", "ConvTranspose", "FullyConnected")
 # Element-wise activations (used by built-in TPCs' fusing patterns).
 ACTIVATION_OPS = ("ReLU", "ReLU6", "LeakyReLU", "HardTanh", "Swish", "HardSwish", "PReLU", "Sigmoid", "Tanh",
                   "Gelu", "Elu", "HardSigmoid", "Mish")
+# Operators whose outputs lie in [0, 1] (probabilities, gates).
+UNIT_RANGE_OPS = ("Softmax", "Sigmoid", "HardSigmoid")
 
 
 def op_name(node: fx.Node, gm: fx.GraphModule) -> str | None:
