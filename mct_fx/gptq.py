@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -79,9 +79,7 @@ class GPTQConfig:
     the steps.  ``gradual_activation``: raise the activations' quantized
     fraction from 0 to 1 over the run (off: quantized from the start).
     ``hessian`` / ``hessian_batch_size``: the Hutchinson estimate of the loss
-    weights (3 draws per batch: the weights are log-compressed per layer and
-    relative per sample, and 10+ draws measured no better: W4A8 YOLO / SSD mAP,
-    Fashion-MNIST accuracy, at 3-4x the Hessian time); ``teacher_cache_bytes``: keep the float model's layer outputs for
+    weights; ``teacher_cache_bytes``: keep the float model's layer outputs for
     every batch when they fit (else recompute them once per step);
     ``compile``: ``torch.compile(fullgraph=True)`` the student's forward.
     """
@@ -98,7 +96,7 @@ class GPTQConfig:
     regularization: float = 0.01
     warmup: float = 0.2
     gradual_activation: bool = True
-    hessian: HessianConfig = HessianConfig(min_iterations=3, max_iterations=3)
+    hessian: HessianConfig = field(default_factory=HessianConfig)
     hessian_batch_size: int = 32
     teacher_cache_bytes: int = 2 * 2**30
     compile: bool = False
