@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import mct_fx
 from mct_fx import CalibrationError, TPCError
 from mct_fx.quantizers import ActivationQuantizer
+from mct_fx.quantizers.search import activation_grid
 from mct_fx.tpc import get_tpc, with_bits
 
 import zoo
@@ -267,8 +268,6 @@ class ConfidentScores(nn.Module):
 def test_softmax_grid_stops_at_one():
     """Many values at 1 make the search prefer threshold 2 (1 is just off an unsigned grid of threshold 1);
     the cap keeps threshold 1, so the small scores keep their resolution."""
-    from mct_fx.quantizers.search import activation_grid
-
     torch.manual_seed(0)
     model = ConfidentScores().eval()
     data = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]

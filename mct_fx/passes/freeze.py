@@ -19,11 +19,16 @@ from mct_fx.tpc.vocabulary import UNIT_RANGE_OPS
 __all__ = ["freeze_quantizers", "activation_freezer", "error_method"]
 
 
+def _source_annotation(nodes: dict[str, fx.Node], qnode: fx.Node | None):
+    """The TPC annotation of the node quantizer node ``qnode`` quantizes (None when there is none)."""
+    source = nodes.get(quantized_node(qnode)) if qnode is not None else None
+    return annotation(source) if source is not None else None
+
+
 def error_method(nodes: dict[str, fx.Node], qnode: fx.Node | None, kind: str, default: ErrorMethod) -> ErrorMethod:
     """The error method of quantizer node ``qnode`` for ``kind`` ("activation" / "weights"): its source
     node's override, else ``default``.  ``nodes``: the graph's nodes by name."""
-    source = nodes.get(quantized_node(qnode)) if qnode is not None else None
-    ann = annotation(source) if source is not None else None
+    ann = _source_annotation(nodes, qnode)
     return ann.error_methods.get(kind, default) if ann is not None else default
 
 
@@ -44,16 +49,16 @@ def activation_freezer(gm: fx.GraphModule, config: QuantConfig) -> Callable[[str
     def freeze(target: str, q: ActivationQuantizer) -> None:
         if q.observer.empty:
             raise RuntimeError(f"activation quantizer {target!r} saw no data: was calibration run?")
-        error = error_method(nodes, by_target.get(target), "activation", config.activation_error_method)
+        qnode = by_target.get(target)
+        error = error_method(nodes, qnode, "activation", config.activation_error_method)
         q.freeze(error, config.lp_norm,
                  shift_negative_ratio=config.shift_negative_ratio if target in shiftable else None,
                  z_threshold=config.z_threshold, shift_negative_search=config.shift_negative_params_search)
-        source = nodes.get(quantized_node(by_target[target])) if target in by_target else None
-        ann = annotation(source) if source is not None else None
-        if ann is not None and ann.op in UNIT_RANGE_OPS and not q.signed and q.method.symmetric_grid:
-            unit = torch.tensor(2.0 ** -q.n_bits)
-            if float(q.scale) > float(unit):
-                q.set_grid(unit, torch.zeros(()))
+        ann = _source_annotation(nodes, qnode)
+        unit = 2.0 ** -q.n_bits  # the step of an unsigned grid of threshold 1
+        if ann is not None and ann.op in UNIT_RANGE_OPS and not q.signed and q.method.symmetric_grid \
+                and float(q.scale) > unit:
+            q.set_grid(torch.tensor(unit), torch.zeros(()))
 
     return freeze
 
