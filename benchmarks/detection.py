@@ -159,14 +159,17 @@ def _mct_ptq16(model, job):
     return WithNms(q).eval()
 
 
-def _mct_gptq(model, job):
+def _mct_gptq(model, job, default: bool = False):
+    """MCT GPTQ W4A8 with Hessian weighting off, as Ultralytics' IMX export runs it; ``default``: as
+    ``get_pytorch_gptq_config(n_epochs)`` gives it (Hessian-weighted sample-layer attention, the
+    Hessian of every calibration canvas)."""
     import model_compression_toolkit as mct
 
     net, kwargs = _mct_16bit_boxes(model, 4)
+    hessian = {} if default else {"use_hessian_based_weights": False, "use_hessian_sample_attention": False}
     q, _ = mct.gptq.pytorch_gradient_post_training_quantization(
         net, _mct_gen(job["calib"]), gptq_config=mct.gptq.get_pytorch_gptq_config(
-            n_epochs=job["gptq_epochs"], use_hessian_based_weights=False, use_hessian_sample_attention=False),
-        **kwargs)  # Hessian weighting off, as Ultralytics' IMX export runs it (with it, 3 epochs ran > 16 min)
+            n_epochs=job["gptq_epochs"], **hessian), **kwargs)
     return WithNms(q).eval()
 
 
@@ -229,6 +232,8 @@ METHODS = {m.name: m for m in (
     Method("torch.ao FX PTQ (x86)", "W8A8", "ours", _torch_ao_ptq, packages=("torch.ao.quantization.quantize_fx",)),
     Method("mct_fx GPTQ W4A8", "W4A8 (DFL W8), boxes A16", "ours", _ours_gptq),
     Method("MCT GPTQ W4A8", "W4A8 (DFL W8), boxes A16", "mct", _mct_gptq),
+    Method("MCT GPTQ W4A8 (MCT default)", "W4A8 (DFL W8), boxes A16", "mct",
+           lambda model, job: _mct_gptq(model, job, default=True)),
     Method("mct_fx GPTQ W4A8 (DFL W4)", "W4A8, boxes A16", "ours", lambda model, job: _ours_gptq(model, job, False)),
     Method("mct_fx MP 4-bit size", "MP W8/4/2 A8, boxes A16", "ours", _ours_mp, packages=_MP_IMPORTS),
     Method("MCT MP 4-bit size", "MP W8/4/2 A8, boxes A16", "mct", _mct_mp),
