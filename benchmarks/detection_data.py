@@ -1,9 +1,12 @@
 """Fashion-MNIST mosaics for object detection: generated offline, seeded.
 
 A canvas is ``SIZE x SIZE`` grey pixels: a smooth random texture plus pixel noise as background,
-and 1-6 garments, each rescaled (22-64 px), dimmed at random and placed so that no two boxes
-overlap by more than ``MAX_IOU``. A garment's box is tight around its pixels brighter than
-``INK`` (after rescaling). Labels are the 10 Fashion-MNIST classes. Training canvases draw their
+and 1-6 garments, each rescaled to a side of 22-64 px and placed at a position, both drawn as real
+numbers (the garment is resampled onto the canvas grid), dimmed at random, so that no two boxes
+overlap by more than ``MAX_IOU``. A garment's box is tight around its source pixels brighter than
+``INK``, mapped onto the canvas: real-valued corners, as a real data set's boxes are once its images
+are resized to the network input (boxes on whole pixels would favour a tool whose box outputs are
+rounded to whole pixels). Labels are the 10 Fashion-MNIST classes. Training canvases draw their
 garments from the training split, test canvases from the test split.
 
 Plain torch (no mct_fx), so that a peer's venv can import it.
@@ -31,12 +34,22 @@ def _background(g: torch.Generator) -> torch.Tensor:
     return (texture + noise)[0]
 
 
-def _item(image: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The garment rescaled to ``side`` pixels and its tight box inside that patch (x0, y0, x1, y1)."""
-    patch = F.interpolate(image[None], size=(side, side), mode="bilinear", align_corners=False, antialias=True)[0]
-    ys, xs = torch.nonzero(patch[0] > INK, as_tuple=True)
-    box = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
-    return patch.clamp(0, 1), box
+def _item(image: torch.Tensor, side: float, x0: float, y0: float) -> tuple[torch.Tensor, slice, slice, torch.Tensor]:
+    """The garment scaled to ``side`` px with its top-left corner at (``x0``, ``y0``): its pixels on the
+    canvas grid (bilinear resampling at the pixel centres), the rows and columns they cover, and its box
+    (x0, y0, x1, y1): the tight box of the source pixels above ``INK``, mapped onto the canvas."""
+    src = image.shape[-1]
+    cols = slice(int(x0), min(SIZE, int(x0 + side) + 1))
+    rows = slice(int(y0), min(SIZE, int(y0 + side) + 1))
+    u = (torch.arange(cols.start, cols.stop) + 0.5 - x0) / side * 2 - 1  # normalized source coordinates
+    v = (torch.arange(rows.start, rows.stop) + 0.5 - y0) / side * 2 - 1
+    grid = torch.stack(torch.meshgrid(u, v, indexing="xy"), -1)[None]
+    patch = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    ys, xs = torch.nonzero(image[0] > INK, as_tuple=True)
+    scale = side / src
+    box = torch.tensor([x0 + scale * float(xs.min()), y0 + scale * float(ys.min()),
+                        x0 + scale * float(xs.max() + 1), y0 + scale * float(ys.max() + 1)])
+    return patch.clamp(0, 1), rows, cols, box
 
 
 def _canvas(images: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -45,17 +58,16 @@ def _canvas(images: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> t
     for _ in range(int(torch.randint(1, MAX_ITEMS + 1, (1,), generator=g))):
         for _try in range(20):
             k = int(torch.randint(len(images), (1,), generator=g))
-            side = int(torch.randint(MIN_SIDE, MAX_SIDE + 1, (1,), generator=g))
-            x0, y0 = (int(v) for v in torch.randint(0, SIZE - side + 1, (2,), generator=g))
-            patch, box = _item(images[k], side)
-            box = box + torch.tensor([x0, y0, x0, y0])
+            side, fx, fy = torch.rand(3, generator=g).tolist()
+            side = MIN_SIDE + (MAX_SIDE - MIN_SIDE) * side
+            x0, y0 = (SIZE - side) * fx, (SIZE - side) * fy
+            patch, rows, cols, box = _item(images[k], side, x0, y0)
             if not boxes or float(box_iou(box[None], torch.stack(boxes)).max()) <= MAX_IOU:
                 break
         else:
             continue
         contrast = 0.55 + 0.45 * float(torch.rand(1, generator=g))
-        region = canvas[:, y0:y0 + side, x0:x0 + side]
-        canvas[:, y0:y0 + side, x0:x0 + side] = torch.maximum(region, patch * contrast)
+        canvas[:, rows, cols] = torch.maximum(canvas[:, rows, cols], patch * contrast)
         boxes.append(box)
         classes.append(int(labels[k]))
     target = {"boxes": torch.stack(boxes), "labels": torch.tensor(classes, dtype=torch.int64)}
@@ -63,8 +75,8 @@ def _canvas(images: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> t
 
 
 class Mosaics:
-    """``n`` canvases (``images`` [n, 1, SIZE, SIZE] in [0, 1]) and their targets (``boxes`` [k, 4] corner
-    pixels, ``labels`` [k]), as torchmetrics' mean average precision takes them."""
+    """``n`` canvases (``images`` [n, 1, SIZE, SIZE] in [0, 1]) and their targets (``boxes`` [k, 4]
+    real-valued corners in pixels, ``labels`` [k]), as torchmetrics' mean average precision takes them."""
 
     def __init__(self, images: torch.Tensor, targets: list[dict]):
         self.images, self.targets = images, targets
