@@ -421,3 +421,29 @@ def test_activation_bits_are_chosen_and_applied():
         assert getattr(qmodel, f"{node}_act_quant").n_bits == 16
     with torch.no_grad():
         assert torch.isfinite(qmodel(calib[0])).all()
+
+
+def test_a_sample_whose_float_value_is_zero_does_not_drown_the_distance(monkeypatch):
+    """A layer whose float output is all zero for some images (a ReLU that is off for them, as a
+    squeeze-excitation block's can be) while the quantized one is not: its per-image normalized error
+    is floored at a share of the layer's mean energy instead of dividing by ~0 (which made the trained
+    SSD's mixed precision rank 16-bit activations as 10^4 times worse than 8-bit ones)."""
+    from mct_fx.mixed_precision import sensitivity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].bias.copy_(torch.linspace(0.11, 0.47, 8))
+        model[0].weight[:, 0] = -model[0].bias  # x = e0: pre-activations exactly 0 in float, ReLU off
+    x = torch.cat([torch.randn(28, 4), torch.eye(4)[:1].repeat(4, 1)])
+    qmodel = mct_fx.quantize(model, [x], config=mct_fx.QuantConfig(weights_bias_correction=False), verbose=False)
+    kernel = qmodel.get_submodule("_0_weight_quant")
+    kernel.set_grid(kernel.scale * 16, kernel.zero_point)  # a coarse kernel grid: the ReLU turns on for e0
+    evaluator = sensitivity.SensitivityEvaluator(qmodel, [((x,), {})])
+    with torch.no_grad():
+        relu = evaluator._run_all([x[-4:]])[evaluator.returned[evaluator.n_outputs]]
+    assert relu.abs().sum() > 0  # quantized: on for e0; float: all zero
+    floored = evaluator.measure()[0]
+    monkeypatch.setattr(sensitivity, "NORM_FLOOR", 0.0)
+    unfloored = sensitivity.SensitivityEvaluator(qmodel, [((x,), {})]).measure()[0]
+    assert floored < 1 < 1e3 < unfloored

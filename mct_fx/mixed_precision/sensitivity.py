@@ -37,6 +37,7 @@ _EPS = 1e-12
 
 
 EXP_SIGMA = 0.1
+NORM_FLOOR = 1e-2  # smallest per-sample normalizer of a distance, relative to the value's mean over the images
 
 
 def interest_points(gm: fx.GraphModule) -> list[fx.Node]:
@@ -136,12 +137,9 @@ class SensitivityEvaluator:
         self._order = {n: i for i, n in enumerate(self.probe.graph.nodes)}
         self._dirty: dict[tuple[str, ...], list[fx.Node]] = {}
         with torch.no_grad(), quantizers_off(self.probe):
-            self.reference = []
-            for values in self.images:
-                env = self._run_all(values)
-                refs = [_rows(v) if isinstance(v, Tensor) and v.is_floating_point() else None
-                        for v in self._returned(env)]
-                self.reference.append([(r, r.square().sum(1) if r is not None else None) for r in refs])
+            refs = [[_rows(v) if isinstance(v, Tensor) and v.is_floating_point() else None
+                     for v in self._returned(self._run_all(values))] for values in self.images]
+        self.reference = _with_norms(refs)
 
     def measure(self, changes: Sequence[Change] = (), progress: Callable[[], object] | None = None) -> list[float]:
         """The aggregated distance of the model as it is (first), then with each change applied alone.
@@ -225,6 +223,27 @@ class SensitivityEvaluator:
                 stack.extend(node.users)
             self._dirty[starts] = sorted(seen, key=self._order.__getitem__)
         return self._dirty[starts]
+
+
+def _with_norms(refs: list[list[Tensor | None]]) -> list[list[tuple[Tensor | None, Tensor | None]]]:
+    """Each chunk's float values with their per-sample squared norms, the normalizers of the distances.
+
+    A norm is floored at ``NORM_FLOOR`` times the value's mean norm over all the images: a sample
+    whose float value is (nearly) zero there, e.g. a squeeze-excitation ReLU that is off for that
+    image, would otherwise divide the quantized model's tiny error by almost nothing and drown every
+    other distance.
+    """
+    norms = [[r.square().sum(1) if r is not None else None for r in chunk] for chunk in refs]
+    out = [[(r, None) for r in chunk] for chunk in refs]
+    for i in range(len(refs[0]) if refs else 0):
+        present = [chunk[i] for chunk in norms if chunk[i] is not None]
+        if not present:
+            continue
+        floor = NORM_FLOOR * float(torch.cat(present).mean())
+        for c, chunk in enumerate(norms):
+            if chunk[i] is not None:
+                out[c][i] = (refs[c][i], chunk[i].clamp_min(floor))
+    return out
 
 
 def _chunk_size(gm: fx.GraphModule, budget_bytes: float = 3 * 2**28) -> int:
