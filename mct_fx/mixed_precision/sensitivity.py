@@ -234,16 +234,12 @@ def _with_norms(refs: list[list[Tensor | None]]) -> list[list[tuple[Tensor | Non
     other distance.
     """
     norms = [[r.square().sum(1) if r is not None else None for r in chunk] for chunk in refs]
-    out = [[(r, None) for r in chunk] for chunk in refs]
+    floors = []
     for i in range(len(refs[0]) if refs else 0):
         present = [chunk[i] for chunk in norms if chunk[i] is not None]
-        if not present:
-            continue
-        floor = NORM_FLOOR * float(torch.cat(present).mean())
-        for c, chunk in enumerate(norms):
-            if chunk[i] is not None:
-                out[c][i] = (refs[c][i], chunk[i].clamp_min(floor))
-    return out
+        floors.append(NORM_FLOOR * float(torch.cat(present).mean()) if present else 0.0)
+    return [[(r, n.clamp_min(f) if n is not None else None) for r, n, f in zip(rc, nc, floors, strict=True)]
+            for rc, nc in zip(refs, norms, strict=True)]
 
 
 def _chunk_size(gm: fx.GraphModule, budget_bytes: float = 3 * 2**28) -> int:
