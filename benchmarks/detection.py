@@ -429,7 +429,8 @@ def table(result: dict) -> str:
     rows = [head, ["float", "32", f"{ref['map']:.2f}", "", f"{ref['map_50']:.2f}", "", "", "", "", ""]]
     for name, m in result["methods"].items():
         if "error" in m:
-            rows.append([name, "", f"failed: {m['error'][:100]}"] + [""] * (len(head) - 3))
+            said = m["error"] if "stopped_after" in m else f"failed: {m['error'][:100]}"
+            rows.append([name, "", said] + [""] * (len(head) - 3))
             continue
         row = [name, m["bits"], f"{m['map']:.2f}", f"{m['map'] - ref['map']:+.2f}", f"{m['map_50']:.2f}",
                f"{m['map_50'] - ref['map_50']:+.2f}"]
