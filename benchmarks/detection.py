@@ -25,7 +25,8 @@ by ``--method-timeout`` is kept as a lower bound on its time.
 
 Tables go to stdout and to ``benchmarks/results/detection.{md,json}``. A run adds its rows to the
 results already there (a row of the same detector and method is replaced; a detector whose float
-mAP or test set changed starts afresh), so a slow row can be run on its own.
+mAP, test or calibration canvases, ONNX subset or GPTQ epochs differ starts afresh: ``SAME_DATA``),
+so a slow row can be run on its own.
 """
 
 from __future__ import annotations
