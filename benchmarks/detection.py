@@ -32,6 +32,7 @@ so a slow row can be run on its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -71,16 +72,32 @@ def _ours_ptq(model, job, tpc: str = "imx500_16bit"):
     return mct_fx.quantize(model, _batches(job["calib"]), tpc, verbose=False)
 
 
-def _ours_gptq(model, job, keep_readout: bool = True):
-    """4-bit kernels but YOLO's DFL readout (a fixed 1x1 conv with weights 0..15: at 4 bits the expected
-    distances it reads out are lost), which stays at 8 bits for both tools unless not ``keep_readout``."""
+def _w4(model, keep_readout: bool = True):
+    """The W4A8 setup of both tools: 4-bit kernels but YOLO's DFL readout (a fixed 1x1 conv with weights
+    0..15: at 4 bits the expected distances it reads out are lost), which stays at 8 bits unless not
+    ``keep_readout``; returns ``(tpc, quant_config)``."""
     import mct_fx
     from mct_fx.tpc.derive import with_bits
 
     tpc = with_bits(mct_fx.get_tpc("imx500_16bit"), weights=4)
     keep = tuple(mct_fx.LayerOverride(name=n, weights_n_bits=8) for n in _readout_modules(model) if keep_readout)
+    return tpc, mct_fx.QuantConfig(overrides=keep)
+
+
+def _ours_gptq(model, job, keep_readout: bool = True):
+    import mct_fx
+
+    tpc, quant_config = _w4(model, keep_readout)
     return mct_fx.gptq(model, _batches(job["calib"]), tpc, mct_fx.GPTQConfig(epochs=job["gptq_epochs"]),
-                       quant_config=mct_fx.QuantConfig(overrides=keep), verbose=False)
+                       quant_config=quant_config, verbose=False)
+
+
+def _ours_optq(model, job):
+    import mct_fx
+
+    tpc, quant_config = _w4(model)
+    optq = dataclasses.replace(quant_config, optq=mct_fx.OPTQConfig())
+    return mct_fx.quantize(model, _batches(job["calib"]), tpc, optq, verbose=False)
 
 
 def _ours_mp(model, job):
@@ -233,6 +250,7 @@ METHODS = {m.name: m for m in (
     Method("torch.ao FX PTQ (x86)", "W8A8", "ours", _torch_ao_ptq, packages=("torch.ao.quantization.quantize_fx",)),
     Method("mct_fx GPTQ W4A8", "W4A8 (DFL W8), boxes A16", "ours", _ours_gptq),
     Method("MCT GPTQ W4A8", "W4A8 (DFL W8), boxes A16", "mct", _mct_gptq),
+    Method("mct_fx OPTQ W4A8", "W4A8 (DFL W8), boxes A16", "ours", _ours_optq),
     Method("MCT GPTQ W4A8 (MCT default)", "W4A8 (DFL W8), boxes A16", "mct",
            lambda model, job: _mct_gptq(model, job, default=True)),
     Method("mct_fx GPTQ W4A8 (DFL W4)", "W4A8, boxes A16", "ours", lambda model, job: _ours_gptq(model, job, False)),
@@ -436,8 +454,8 @@ def table(result: dict) -> str:
         row = [name, m["bits"], f"{m['map']:.2f}", f"{m['map'] - ref['map']:+.2f}", f"{m['map_50']:.2f}",
                f"{m['map_50'] - ref['map_50']:+.2f}"]
         row += [f"{m['seconds']:.1f}", f"{m['peak_rss_mb']:.0f}"]
-        peer = name.replace("mct_fx", "MCT") if name.startswith("mct_fx") else None
-        mct = result["methods"].get(peer, {})
+        peer = name.replace("mct_fx", "MCT").replace("OPTQ", "GPTQ") if name.startswith("mct_fx") else None
+        mct = result["methods"].get(peer, {})  # OPTQ's peer: MCT's GPTQ (Hessian off)
         row += ([f"{m['seconds'] / mct['seconds']:.2f}", f"{m['peak_rss_mb'] / mct['peak_rss_mb']:.2f}"]
                 if "seconds" in mct else ["", ""])
         rows.append(row)
@@ -493,19 +511,19 @@ def targets(result: dict) -> list[str]:
                   f"W8A8 drop {drop:.2f} <= MCT's {ref['map'] - mct['map']:.2f}{noise(ours, mct)}")
             check(ours["seconds"] <= mct["seconds"] / 5,
                   f"PTQ time {ours['seconds']:.1f} s <= MCT's / 5 = {mct['seconds'] / 5:.1f} s")
-    for name, peer in (("GPTQ W4A8", "GPTQ W4A8"), ("GPTQ W4A8", "GPTQ W4A8 (MCT default)"),
-                       ("MP 4-bit size", "MP 4-bit size")):
+    gptq = [(name, peer) for name in ("GPTQ W4A8", "OPTQ W4A8") for peer in ("GPTQ W4A8", "GPTQ W4A8 (MCT default)")]
+    for name, peer in [*gptq, ("MP 4-bit size", "MP 4-bit size")]:
         a, b = ms.get(f"mct_fx {name}", {}), ms.get(f"MCT {peer}", {})
         if "map" in a and "map" in b:
             check(a["map"] > b["map"], f"{name} drop {ref['map'] - a['map']:.2f} < MCT {peer}'s "
                                        f"{ref['map'] - b['map']:.2f}{noise(a, b)}")
-    for peer in ("GPTQ W4A8", "GPTQ W4A8 (MCT default)"):
-        a, b = ms.get("mct_fx GPTQ W4A8", {}), ms.get(f"MCT {peer}", {})
+    for name, peer in gptq:
+        a, b = ms.get(f"mct_fx {name}", {}), ms.get(f"MCT {peer}", {})
         theirs = b.get("seconds", b.get("stopped_after"))  # a stopped run: a lower bound on its time
         if "seconds" in a and theirs is not None:
             bound = "" if "seconds" in b else " (it was stopped: a lower bound)"
             check(a["seconds"] <= theirs / 10,
-                  f"GPTQ time {a['seconds']:.1f} s <= MCT {peer}'s / 10 = {theirs / 10:.1f} s{bound}")
+                  f"{name} time {a['seconds']:.1f} s <= MCT {peer}'s / 10 = {theirs / 10:.1f} s{bound}")
     e = ours.get("imx500", {})
     if e:
         check(bool(e.get("converts")), f"converts with the NMS on the chip ({e.get('memory') or e.get('error')})")
@@ -528,6 +546,9 @@ NOTES = """Reading the rows:
 - The ground truth boxes are real-valued (`detection_data.py`); MCT quantizes the SSD's box-decode output
   on an 8-bit grid (threshold 256: its boxes come out on whole pixels); mct_fx leaves the decode in float
   with 16-bit inputs.
+- `mct_fx OPTQ W4A8` is PTQ with `QuantConfig(optq=OPTQConfig())`: one-shot rounding with Hessian error
+  feedback (the second moments gathered during calibration), no training; its time / memory ratios are
+  to `MCT GPTQ W4A8`.
 - Paired differences: ours - MCT's mAP per block of the test canvases, mean +- 2 standard errors."""
 
 

@@ -1,7 +1,7 @@
 """mct_fx: PyTorch-native model compression on torch.fx graphs."""
 
 from mct_fx import tpc
-from mct_fx.config import LayerOverride, QuantConfig
+from mct_fx.config import LayerOverride, OPTQConfig, QuantConfig
 from mct_fx.convert_imx500 import ConversionError, Imx500Package, MemoryReport, convert_imx500
 from mct_fx.data import CalibrationError
 from mct_fx.datagen import (
@@ -21,6 +21,7 @@ from mct_fx.hessian import Granularity, HessianConfig, HessianService
 from mct_fx.kernels import backend
 from mct_fx.mixed_precision import DistanceWeighting, MixedPrecisionConfig, OutputDistance
 from mct_fx.mixed_precision.solver import MixedPrecisionError
+from mct_fx.passes.optq_rounding import OPTQReport
 from mct_fx.prepare import resource_utilization
 from mct_fx.pruning import Importance, PruningConfig, PruningInfo, prune
 from mct_fx.ptq import prepare, quantize, summary
@@ -42,6 +43,7 @@ __all__ = [
     "export_imx500", "Imx500ExportResult", "convert_imx500", "Imx500Package", "MemoryReport", "ConversionError",
     "ResourceUtilization", "resource_utilization", "MixedPrecisionConfig", "MixedPrecisionError", "DistanceWeighting",
     "OutputDistance", "HessianService", "HessianConfig", "Granularity", "gptq", "GPTQConfig", "GPTQReport",
+    "OPTQConfig", "OPTQReport",
     "Rounding", "LossWeighting", "qat_prepare", "qat_finalize", "QATConfig", "QATMethod", "prune", "PruningConfig",
     "PruningInfo", "Importance", "generate_data", "bn_alignment", "DataGenConfig", "DataInit", "ImageGranularity",
     "LayerWeighting", "OutputLoss", "Scheduler", "compare", "Comparison", "troubleshoot", "TroubleshootConfig",

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-__all__ = ["ANNOTATION", "QUANTIZER", "CONFIG", "PREPARATION", "SUMMARY", "CORRECTION", "ALIGNMENT", "GPTQ", "QAT",
-           "PRUNING", "Role", "QuantizerRole", "role_of", "quantized_node", "quantizer_nodes_by_role",
+__all__ = ["ANNOTATION", "QUANTIZER", "CONFIG", "PREPARATION", "SUMMARY", "CORRECTION", "ALIGNMENT", "GPTQ", "OPTQ",
+           "QAT", "PRUNING", "Role", "QuantizerRole", "role_of", "quantized_node", "quantizer_nodes_by_role",
            "quantizer_node", "quantizer_module", "quantizer_name"]
 
 # Node.meta
@@ -28,6 +28,7 @@ SUMMARY = "mct_fx.summary"  # quant_summary.QuantSummary
 CORRECTION = "mct_fx.weight_correction"  # which weight-error correction the model kept
 ALIGNMENT = "mct_fx.pot_alignment"  # power-of-two alignment factors a float reference must replay
 GPTQ = "mct_fx.gptq"  # gptq.GPTQReport
+OPTQ = "mct_fx.optq"  # optq.OPTQReport
 QAT = "mct_fx.qat"  # qat.QATConfig, until qat_finalize
 PRUNING = "mct_fx.pruning"  # pruning.PruningInfo
 

@@ -21,16 +21,18 @@ from mct_fx.config import CONFIG_KEY, QuantConfig
 from mct_fx.data import CalibrationError, ModelInputs, batch_size, iter_batches, loader_length, take_images, to_device
 from mct_fx.graph_utils import model_device
 from mct_fx.hessian import Granularity, HessianService
-from mct_fx.meta import ALIGNMENT, CORRECTION, SUMMARY
+from mct_fx.meta import ALIGNMENT, CORRECTION, OPTQ, SUMMARY
 from mct_fx.mixed_precision.corrections import expected_correction
 from mct_fx.mixed_precision.search import MixedPrecisionResult, MixedPrecisionSearch
 from mct_fx.passes.align_pot import alignment_factors, apply_alignment
 from mct_fx.passes.calibrate import calibrate
 from mct_fx.passes.freeze import freeze_quantizers
+from mct_fx.passes.input_gram import InputGram, observe_input_grams
 from mct_fx.passes.layer_inputs import observe_layer_inputs, quantized_layers, remove_observers
+from mct_fx.passes.optq_rounding import optq_layers, round_with_optq
 from mct_fx.passes.softmax_shift import shift_softmax_inputs
 from mct_fx.passes.unify_concat import unify_concat_grids
-from mct_fx.passes.weight_correction import BIAS, correct_weight_errors, has_low_bit_kernels, snapshot
+from mct_fx.passes.weight_correction import BIAS, NONE, correct_weight_errors, has_low_bit_kernels, snapshot
 from mct_fx.prepare import TPCLike, prepare
 from mct_fx.quant_summary import QuantSummary, summarize
 from mct_fx.quantizers.modules import quantizers_off
@@ -94,6 +96,7 @@ class _Run:
     gm: fx.GraphModule = None  # type: ignore[assignment]
     search: MixedPrecisionSearch | None = None
     observers: dict = field(default_factory=dict)  # layer input observers (bias correction)
+    grams: dict[str, InputGram] = field(default_factory=dict)  # layer input second moments (OPTQ)
     retained: list[ModelInputs] = field(default_factory=list)  # the first calibration batches
     n_calibrated: int = 0
     input_means: dict[str, Tensor] = field(default_factory=dict)
@@ -104,6 +107,8 @@ class _Run:
     def moment_batches(self) -> bool:
         """Whether the second-moment correction may run ("auto": only below 8 bits, where MP may also go)."""
         moments = self.config.weights_second_moment_correction
+        if self.config.optq is not None:
+            return False
         return moments is True or (moments == "auto" and (self.search is not None or has_low_bit_kernels(self.gm)))
 
     @cached_property
@@ -135,9 +140,17 @@ def _calibrate(r: _Run) -> None:
     r.n_calibrated = calibrate(r.gm, stream, verbose=r.verbose, total=r.total)
 
 
+def _observe_inputs(r: _Run) -> None:
+    if r.config.weights_bias_correction and r.config.weights_second_moment_correction is not True:
+        r.observers = observe_layer_inputs(r.gm)
+    if r.config.optq is not None:
+        r.grams = observe_input_grams(r.gm, optq_layers(r.gm), r.config.optq.vectors_per_image, r.config.optq.seed)
+
+
 def _remove_observers(r: _Run) -> None:
     r.input_means = {name: obs.mean() for name, obs in r.observers.items()}
     remove_observers(r.gm)
+    remove_observers(r.gm, InputGram)
 
 
 def _align(r: _Run) -> None:
@@ -145,6 +158,12 @@ def _align(r: _Run) -> None:
     for name, factor in apply_alignment(r.gm, r.gm.meta[ALIGNMENT]).items():
         if name in r.input_means:
             r.input_means[name] = r.input_means[name] * factor
+        if name in r.grams:
+            r.grams[name].rescale(factor)
+
+
+def _correct(r: _Run) -> None:
+    r.gm.meta[CORRECTION] = _finish(r.gm, r.kept, r.input_means, r.grams, r.config, unify=False)
 
 
 def _hessians(r: _Run) -> None:
@@ -156,8 +175,8 @@ def _hessians(r: _Run) -> None:
 def _mixed_precision(r: _Run) -> None:
     device = model_device(r.gm)
     images = [to_device(b, device) for b in take_images(r.retained, r.config.mixed_precision.n_images)]
-    r.mixed, r.gm.meta[CORRECTION] = _search(r.gm, r.search, images, r.kept, r.input_means, r.config, r.verbose,
-                                             r.importance)
+    r.mixed, r.gm.meta[CORRECTION] = _search(r.gm, r.search, images, r.kept, r.input_means, r.grams, r.config,
+                                             r.verbose, r.importance)
 
 
 def _summarize(r: _Run) -> None:
@@ -182,8 +201,7 @@ STAGES: tuple[Stage[_Run], ...] = (
     Stage("prepare", _prepare),
     Stage("mixed precision: plan", lambda r: setattr(r, "search", MixedPrecisionSearch(r.gm, r.target, r.config)),
           when=lambda r: r.target is not None),  # configurable nodes, cost model, feasibility: before calibration
-    Stage("observe layer inputs", lambda r: setattr(r, "observers", observe_layer_inputs(r.gm)),
-          when=lambda r: r.config.weights_bias_correction and r.config.weights_second_moment_correction is not True),
+    Stage("observe layer inputs", _observe_inputs),
     Stage("calibrate", _calibrate),
     Stage("tensorboard: calibration", lambda r: r.board.calibration(r.gm), when=lambda r: r.board.enabled),
     Stage("remove input observers", _remove_observers),
@@ -196,8 +214,7 @@ STAGES: tuple[Stage[_Run], ...] = (
           images=lambda r: r.config.mixed_precision.n_images),
     Stage("concat unification", lambda r: unify_concat_grids(r.gm),
           when=lambda r: _no_mp(r) and r.config.concat_threshold_update),
-    Stage("weight correction", lambda r: r.gm.meta.__setitem__(CORRECTION, correct_weight_errors(
-        r.gm, r.kept, r.input_means, r.config)), when=_no_mp, batches=_moments),
+    Stage("weight rounding and correction", _correct, when=_no_mp, batches=_moments),  # OPTQ when asked
     Stage("summary", _summarize),
     Stage("tensorboard: result", lambda r: _log_result(r.board, r.model, r.gm, r.retained[:SIMILARITY_BATCHES],
                                                         r.mixed, r.inplace),
@@ -205,15 +222,21 @@ STAGES: tuple[Stage[_Run], ...] = (
 )
 
 
-def _finish(gm: fx.GraphModule, kept: list, input_means: dict[str, Tensor], config: QuantConfig) -> str:
-    """Concat grids (when asked) and the weight-error correction; returns the correction kept."""
-    if config.concat_threshold_update:
+def _finish(gm: fx.GraphModule, kept: list, input_means: dict[str, Tensor], grams: dict[str, InputGram],
+            config: QuantConfig, unify: bool = True) -> str:
+    """Concat grids (when asked and ``unify``), OPTQ rounding (when asked) and the weight-error correction;
+    returns the correction kept."""
+    if unify and config.concat_threshold_update:
         unify_concat_grids(gm)
-    return correct_weight_errors(gm, kept, input_means, config)
+    if config.optq is None:
+        return correct_weight_errors(gm, kept, input_means, config)
+    gm.meta[OPTQ] = report = round_with_optq(gm, grams, config.optq, config.weights_bias_correction)
+    log.info("%s", report)
+    return BIAS if config.weights_bias_correction else NONE
 
 
 def _search(gm: fx.GraphModule, search: MixedPrecisionSearch, images: list, kept: list,
-            input_means: dict[str, Tensor], config: QuantConfig, verbose: bool,
+            input_means: dict[str, Tensor], grams: dict[str, InputGram], config: QuantConfig, verbose: bool,
             importance: dict[str, Tensor] | None) -> tuple[MixedPrecisionResult, str]:
     """Mixed precision measured under the correction the result is expected to keep; when the result keeps
     another one (``"auto"`` found bias correction nearer), the search runs again under that one."""
@@ -224,7 +247,7 @@ def _search(gm: fx.GraphModule, search: MixedPrecisionSearch, images: list, kept
         seconds += mixed.seconds
         log.info("%s", mixed)
         before = snapshot(gm)
-        correction = _finish(gm, kept, input_means, config)
+        correction = _finish(gm, kept, input_means, grams, config)
         if correction == expected or expected == BIAS:
             return dataclasses.replace(mixed, seconds=seconds), correction
         log.info("mixed precision: the result keeps %s correction, not %s; searching again under it", correction,

@@ -32,8 +32,8 @@ def test_stages_read_like_the_design_pipeline():
     assert [s.name for s in STAGES] == [
         "prepare", "mixed precision: plan", "observe layer inputs", "calibrate", "tensorboard: calibration",
         "remove input observers", "power-of-two alignment", "softmax shift", "mixed precision: keep histograms",
-        "HMSE: weight Hessians", "freeze", "mixed precision: search", "concat unification", "weight correction",
-        "summary", "tensorboard: result"]
+        "HMSE: weight Hessians", "freeze", "mixed precision: search", "concat unification",
+        "weight rounding and correction", "summary", "tensorboard: result"]
 
 
 def test_retention_is_the_most_any_running_stage_reads():

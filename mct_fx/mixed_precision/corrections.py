@@ -51,8 +51,10 @@ class CandidateCorrection(Protocol):
 
 def expected_correction(config: QuantConfig, entries: Sequence[Configurable]) -> str:
     """The correction PTQ is expected to keep on the chosen model: second-moment when it is on (``True``) or
-    may be kept (``"auto"`` with some kernel candidate below 8 bits), bias correction otherwise."""
+    may be kept (``"auto"`` with some kernel candidate below 8 bits) and OPTQ is off, bias correction otherwise."""
     mode = config.weights_second_moment_correction
+    if config.optq is not None:  # OPTQ rounding is followed by bias correction, never the second-moment one
+        return BIAS
     low_bit = any(weight_bits(c) < 8 for e in entries for c in e.candidates)
     return SECOND_MOMENT if mode is True or (mode == "auto" and low_bit) else BIAS
 

@@ -67,10 +67,10 @@ def observe_layer_inputs(gm: fx.GraphModule) -> dict[str, InputMeans]:
     return observers
 
 
-def remove_observers(gm: fx.GraphModule) -> fx.GraphModule:
-    """Take every :class:`InputMeans` out of the graph."""
+def remove_observers(gm: fx.GraphModule, cls: type[nn.Module] = InputMeans) -> fx.GraphModule:
+    """Take every identity observer of class ``cls`` (:class:`InputMeans` by default) out of the graph."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), InputMeans):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), cls):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             gm.delete_submodule(node.target)
