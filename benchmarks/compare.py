@@ -272,6 +272,14 @@ METHODS = {m.name: m for m in (
 )}
 
 
+def mct_peer(name: str) -> str | None:
+    """The MCT row doing the same job as row ``name``: the same name with MCT for ours (OPTQ's: MCT's GPTQ),
+    MCT's W8A8 PTQ for torch.ao, none for MCT's own."""
+    if name.startswith("mct_fx"):
+        return name.replace("mct_fx", "MCT").replace("OPTQ", "GPTQ")
+    return "MCT PTQ" if not name.startswith("MCT") else None
+
+
 def _peak_rss_mb() -> float:
     """This process's peak resident memory.  VmHWM, not ru_maxrss: Linux carries the parent's
     high-water mark into ru_maxrss across fork + exec, and the parent holds all the data."""
@@ -457,10 +465,7 @@ def table(result: dict) -> str:
         if "search_seconds" in m:
             seconds += f" (search {m['search_seconds']:.2f})"
         row += [seconds, f"{m['peak_rss_mb']:.0f}"]
-        # the MCT row doing the same job: the same name with MCT for ours, MCT's W8A8 PTQ for torch.ao
-        peer = name.replace("mct_fx", "MCT") if name.startswith("mct_fx") else (
-            "MCT PTQ" if not name.startswith("MCT") else None)
-        mct = result["methods"].get(peer, {})
+        mct = result["methods"].get(mct_peer(name), {})
         if "seconds" in mct:
             row += [f"{m['seconds'] / mct['seconds']:.2f}", f"{m['peak_rss_mb'] / mct['peak_rss_mb']:.2f}"]
         else:

@@ -59,6 +59,7 @@ from compare import (  # noqa: E402
     _peak_rss_mb,
     _torch_ao_ptq,
     chosen_methods,
+    mct_peer,
     weight_budgets,
 )
 from detection_models import DETECTORS, PreNms, WithNms  # noqa: E402
@@ -454,8 +455,7 @@ def table(result: dict) -> str:
         row = [name, m["bits"], f"{m['map']:.2f}", f"{m['map'] - ref['map']:+.2f}", f"{m['map_50']:.2f}",
                f"{m['map_50'] - ref['map_50']:+.2f}"]
         row += [f"{m['seconds']:.1f}", f"{m['peak_rss_mb']:.0f}"]
-        peer = name.replace("mct_fx", "MCT").replace("OPTQ", "GPTQ") if name.startswith("mct_fx") else None
-        mct = result["methods"].get(peer, {})  # OPTQ's peer: MCT's GPTQ (Hessian off)
+        mct = result["methods"].get(mct_peer(name) if name.startswith("mct_fx") else None, {})
         row += ([f"{m['seconds'] / mct['seconds']:.2f}", f"{m['peak_rss_mb'] / mct['peak_rss_mb']:.2f}"]
                 if "seconds" in mct else ["", ""])
         rows.append(row)

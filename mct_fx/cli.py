@@ -51,6 +51,9 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-memory", type=_budget, metavar="F|BYTES",
                    help="mixed precision under this weights budget: a fraction of the float model's weights "
                         "(0.2) or bytes (250000)")
+    p.add_argument("--optq", action="store_true",
+                   help="round the kernels with OPTQ (one-shot Hessian error feedback from the calibration inputs; "
+                        "seconds) instead of to nearest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--log-dir", help="TensorBoard logs of the pipeline go here (see mct_fx.tensorboard)")
@@ -231,8 +234,8 @@ def _build(args: argparse.Namespace) -> tuple:
     loader = calibration_loader(args.calib, args.n_calib, args.batch_size, _input_shape(args, model), model, args)
     calib_seconds = time.time() - start
     start = time.time()
-    qmodel = mct_fx.quantize(model, loader, target, mct_fx.QuantConfig(log_dir=args.log_dir), target=budget,
-                             verbose=not args.quiet)
+    config = mct_fx.QuantConfig(log_dir=args.log_dir, optq=mct_fx.OPTQConfig() if args.optq else None)
+    qmodel = mct_fx.quantize(model, loader, target, config, target=budget, verbose=not args.quiet)
     return model, loader, qmodel, target, calib_seconds, time.time() - start
 
 

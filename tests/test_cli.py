@@ -101,6 +101,11 @@ def test_weights_memory_budget_runs_mixed_precision(tmp_path, capsys):
     assert mp["target"]["weights_memory"] == pytest.approx(0.15 * float_bytes)
     assert report["weights_bytes"]["quantized"] == mp["achieved"]["weights_memory"] <= 0.15 * float_bytes
     assert {"W8", "W4"} <= set(mp["bits"].values())
+    # OPTQ rounding on the mixed-precision grids: the same budget holds
+    assert main(["quantize", "--model", "demo", "--calib", "random", "--n-calib", "64", "--quiet", "--optq",
+                 "--weights-memory", "0.15", "--out", str(tmp_path / "optq")]) == 0
+    optq = json.loads((tmp_path / "optq" / "report.json").read_text())
+    assert optq["weights_bytes"]["quantized"] <= 0.15 * float_bytes
     # a budget below every layer at 2 bits: one line naming the smallest achievable size, nothing written
     assert main(["quantize", "--model", "demo", "--calib", "random", "--n-calib", "64", "--quiet",
                  "--weights-memory", "1000", "--out", str(tmp_path / "none")]) == 2

@@ -263,12 +263,9 @@ def test_the_detector_reaches_the_chip_with_the_nms_on_it(tmp_path):
     assert package.package.exists() and package.memory.fits
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["yolo", "ssd"])
-def test_a_trained_detector_keeps_its_map_and_exports(name, tmp_path):
-    """The benchmark's trained detectors (benchmarks/train_detection.py; trained and cached on first use,
-    about 15 min each): W8A8 for imx500_16bit (16-bit box coordinates, the rest 8-bit) keeps mAP@0.5:0.95
-    within 1 point on 300 test canvases, the IMX500 file carries Sony's ops and runs as the GraphModule does."""
+def _trained_detector(name: str):
+    """The benchmark's trained detector (benchmarks/train_detection.py; trained and cached on first use, about
+    15 min each), its first 300 test canvases, its mAP function and calibration canvases; skips without data."""
     pytest.importorskip("torchmetrics")
     from mct_fx.datasets import fashion_mnist_available
 
@@ -280,45 +277,48 @@ def test_a_trained_detector_keeps_its_map_and_exports(name, tmp_path):
     model, _ = train_detection.load(name)
     test = train_detection.test_canvases()
     test = Mosaics(test.images[:300], test.targets[:300])
-    calib = mosaics("train", 128, seed=3).images.split(32)
-    qmodel = mct_fx.quantize(model, calib, "imx500_16bit", verbose=False)
-    float_map = train_detection.mean_ap(model, name, test)
-    quant_map = train_detection.mean_ap(qmodel, name, test)
-    assert float_map["map"] > 35
-    assert quant_map["map"] >= float_map["map"] - 1.0, (float_map, quant_map)
-    result = mct_fx.export_imx500(qmodel, test.images[:1], tmp_path / f"{name}.onnx")
-    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node if n.domain == EDGEMDT_DOMAIN}
-    assert ops == ({"MultiClassNMS", "FasterRCNNBoxDecode"} if name == "ssd" else {"MultiClassNMS"})
-    assert result.agreement is not None and result.agreement.faithful
+    return (model, test, lambda m: train_detection.mean_ap(m, name, test)["map"],
+            lambda n: list(mosaics("train", n, seed=3).images.split(32)))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["yolo", "ssd"])
-def test_optq_keeps_a_trained_detector_at_w4a8(name):
+def test_a_trained_detector_keeps_its_map_and_exports(name, tmp_path):
+    """W8A8 for imx500_16bit (16-bit box coordinates, the rest 8-bit) keeps mAP@0.5:0.95 within 1 point on 300
+    test canvases, the IMX500 file carries Sony's ops and runs as the GraphModule does."""
+    model, test, mean_ap, calibration = _trained_detector(name)
+    qmodel = mct_fx.quantize(model, calibration(128), "imx500_16bit", verbose=False)
+    float_map, quant_map = mean_ap(model), mean_ap(qmodel)
+    assert float_map > 35
+    assert quant_map >= float_map - 1.0, (float_map, quant_map)
+    _check_imx500_file(qmodel, test, name, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["yolo", "ssd"])
+def test_optq_keeps_a_trained_detector_at_w4a8_and_exports(name, tmp_path):
     """OPTQ rounding at 4-bit kernels (YOLO's fixed DFL readout at 8): within 3 points of float on 300 test
-    canvases and above PTQ's nearest rounding (benchmark, 2000 canvases: drops 1.55 / 1.47)."""
-    pytest.importorskip("torchmetrics")
-    from mct_fx.datasets import fashion_mnist_available
-
-    if not fashion_mnist_available():
-        pytest.skip("needs apt-get install -y dataset-fashion-mnist")
-    import train_detection
-    from detection_data import Mosaics, mosaics
-
+    canvases and above PTQ's nearest rounding (benchmark, 2000 canvases: drops 1.55 / 1.47); the IMX500 file
+    runs as the GraphModule does."""
     from mct_fx.tpc.derive import with_bits
 
-    model, _ = train_detection.load(name)
-    test = train_detection.test_canvases()
-    test = Mosaics(test.images[:300], test.targets[:300])
-    calib = list(mosaics("train", 256, seed=3).images.split(32))
+    model, test, mean_ap, calibration = _trained_detector(name)
+    calib = calibration(256)
     tpc = with_bits(mct_fx.get_tpc("imx500_16bit"), weights=4)
     keep = tuple(mct_fx.LayerOverride(name="dfl", weights_n_bits=8) for _ in [0] if hasattr(model, "dfl"))
     nearest = mct_fx.quantize(model, calib, tpc, mct_fx.QuantConfig(overrides=keep), verbose=False)
     optq = mct_fx.quantize(model, calib, tpc, mct_fx.QuantConfig(overrides=keep, optq=mct_fx.OPTQConfig()),
                            verbose=False)
-    maps = {k: train_detection.mean_ap(m, name, test)["map"] for k, m in
-            (("float", model), ("nearest", nearest), ("optq", optq))}
+    maps = {"float": mean_ap(model), "nearest": mean_ap(nearest), "optq": mean_ap(optq)}
     assert maps["optq"] >= maps["float"] - 3.0 and maps["optq"] > maps["nearest"], maps
+    _check_imx500_file(optq, test, name, tmp_path)
+
+
+def _check_imx500_file(qmodel, test, name: str, tmp_path) -> None:
+    result = mct_fx.export_imx500(qmodel, test.images[:1], tmp_path / f"{name}.onnx")
+    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node if n.domain == EDGEMDT_DOMAIN}
+    assert ops == ({"MultiClassNMS", "FasterRCNNBoxDecode"} if name == "ssd" else {"MultiClassNMS"})
+    assert result.agreement is not None and result.agreement.faithful
 
 
 @pytest.mark.skipif(edgemdt_session_options() is None, reason="needs onnxruntime-extensions")

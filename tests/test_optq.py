@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_gptq import W4, _data, _output_mse, _task, _trained_net
+from test_gptq import OPTQ, W4, _data, _output_mse, _task, _trained_net
 from torch import nn
 
 import mct_fx
@@ -16,8 +16,6 @@ from mct_fx.quantizers.optq import optq_round
 from mct_fx.tpc.derive import with_bits
 
 import zoo
-
-OPTQ = mct_fx.QuantConfig(optq=mct_fx.OPTQConfig())
 
 
 def _nearest(w, scale, zp, qmin, qmax):
@@ -60,8 +58,11 @@ def test_groups_in_one_call_are_rounded_as_if_alone_and_block_size_does_not_matt
     w, gram, scale, zp = _layer(groups=3)
     together = optq_round(w, gram, scale, zp, -8, 7, block_size=16)
     for g in range(3):
-        alone = optq_round(w[g:g + 1], gram[g:g + 1], scale[g:g + 1], zp[g:g + 1], -8, 7, block_size=128)
-        assert torch.allclose(together[g:g + 1], alone, atol=1e-6), g
+        alone = optq_round(w[g:g + 1], gram[g:g + 1], scale[g:g + 1], zp[g:g + 1], -8, 7, block_size=16)
+        assert torch.equal(together[g:g + 1], alone), g
+    other = optq_round(w, gram, scale, zp, -8, 7, block_size=128)  # the same sums in another order
+    assert float((other != together).float().mean()) < 1e-3  # measured 1.4e-4: a float tie flips a code
+    assert _output_error(w, other, gram) == pytest.approx(_output_error(w, together, gram), rel=1e-4)
 
 
 def test_a_dead_input_gets_plain_rounding_and_a_rank_deficient_moment_factorizes():
@@ -117,6 +118,10 @@ def test_input_second_moment_of_a_grouped_conv1d_and_a_linear_layer():
     v = cols.transpose(1, 2).reshape(-1, 3, 6).transpose(0, 1)  # [G, n, 2 * 3]
     assert torch.allclose(conv.second_moment(), v.transpose(1, 2) @ v / v.shape[1], atol=1e-5)
     assert torch.allclose(conv.mean(), v.mean(1), atol=1e-6)
+    conv.rescale(2.0)  # power-of-two alignment scaled the input after calibration
+    assert torch.allclose(conv.second_moment(), 4 * v.transpose(1, 2) @ v / v.shape[1], atol=1e-4)
+    assert torch.allclose(conv.mean(), 2 * v.mean(1), atol=1e-6)
+    assert conv(torch.randn(3, 4, 20)) is not None and conv.count == v.shape[1]  # a batch the layer refuses
     linear = InputGram(_Node(F.linear, (None, None, None)), torch.Size([5, 6]), 4, 0)
     rows = torch.randn(8, 6)
     linear(rows)
@@ -179,54 +184,6 @@ def test_optq_on_torchvision_models_brings_w4a8_closer_to_float(name, gain):
         optq = zoo.sqnr_db(ref, q(x))
     assert not q.meta["mct_fx.optq"].kept
     assert optq > ptq + gain, (ptq, optq)
-
-
-@pytest.mark.slow
-def test_optq_beats_ptq_w4a8_on_the_fashion_mnist_resnet():
-    import train_fmnist
-
-    import assets
-
-    if not assets.fashion_mnist_available():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    model, _ = train_fmnist.load("fmnist_resnet")
-    x, _ = assets.fashion_mnist("train")
-    xt, yt = assets.fashion_mnist("test")
-    calib = list(x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:512]].split(32))
-
-    def accuracy(q):
-        with torch.no_grad():
-            return float((torch.cat([q(b) for b in xt.split(1000)]).argmax(1) == yt).float().mean()) * 100
-
-    ptq = accuracy(mct_fx.quantize(model, calib, W4, verbose=False))
-    optq = accuracy(mct_fx.quantize(model, calib, W4, OPTQ, verbose=False))
-    assert optq > ptq + 0.5, (ptq, optq)
-
-
-@pytest.mark.slow
-def test_optq_beats_ptq_w4a8_on_imagenet_mobilenet_v2():
-    import torchvision
-
-    import assets
-
-    try:
-        assets.mobilenet_v2_weights()
-        calib, crops = assets.imagenet_fidelity_sets(64, 128)
-    except assets.MissingAsset as e:
-        pytest.skip(str(e))
-    model = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").eval()
-    with torch.no_grad():
-        ref = model(crops)
-
-    def quality(q):
-        with torch.no_grad():
-            out = q(crops)
-        return float((out.argmax(1) == ref.argmax(1)).float().mean()) * 100, float(zoo.sqnr_db(ref, out))
-
-    batches = list(calib.split(16))
-    ptq = quality(mct_fx.quantize(model, batches, W4, verbose=False))
-    optq = quality(mct_fx.quantize(model, batches, W4, OPTQ, verbose=False))
-    assert optq[1] > ptq[1] and optq[0] > ptq[0] + 1.0, (ptq, optq)
 
 
 def test_mixed_precision_bit_widths_are_rounded_on_their_own_grids():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from mct_fx.graph_utils import groups_of
+from mct_fx.passes.layer_inputs import insert_observer
 
 __all__ = ["InputGram", "GRAM_LAYERS", "observe_input_grams"]
 
@@ -40,10 +41,12 @@ class InputGram(nn.Module):
         self.count = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.detach().float()
-        wanted = self.per_image * (x.shape[0] if x.dim() > 1 else 1)
-        v = self.conv.patches(x, wanted, self._pick) if self.conv else self._rows(x, wanted)
+        t = x.detach().float()
+        wanted = self.per_image * (t.shape[0] if t.dim() > 1 else 1)
+        v = self.conv.patches(t, wanted, self._pick) if self.conv else self._rows(t, wanted)
         v = v.reshape(v.shape[0], self.groups, -1).transpose(0, 1)  # [G, n, D]
+        if self.gram is not None and self.gram.shape[-1] != v.shape[-1]:
+            return x  # a batch the layer cannot take: let the layer itself raise
         gram, total = torch.bmm(v.transpose(1, 2), v), v.sum(1)
         if self.gram is None:
             self.gram, self.sum = gram, total
@@ -124,6 +127,7 @@ class _Geometry:
                          torch.arange(kw, device=device).repeat(kh) * dw - self.pad[1][0])
         return self.taps
 
+
 def _pair(v, two_d: bool, height: int) -> tuple[int, int]:
     """A conv argument as (height, width); a 1-d conv's height entry is ``height``."""
     v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * (2 if two_d else 1)
@@ -134,15 +138,8 @@ def observe_input_grams(gm: fx.GraphModule, layers: dict[str, torch.Size], per_i
                         seed: int = 0) -> dict[str, InputGram]:
     """Insert an :class:`InputGram` before each layer in ``layers`` (name -> weight shape); returns them by name."""
     observers = {}
-    for layer in list(gm.graph.nodes):
-        if layer.name not in layers:
-            continue
-        obs = InputGram(layer, layers[layer.name], per_image, seed + len(observers))
-        name = f"{layer.name}_input_gram"
-        gm.add_submodule(name, obs)
-        with gm.graph.inserting_before(layer):
-            node = gm.graph.call_module(name, (layer.args[0],))
-        layer.update_arg(0, node)
-        observers[layer.name] = obs
+    for layer in [n for n in gm.graph.nodes if n.name in layers]:
+        observers[layer.name] = insert_observer(gm, layer, "input_gram",
+                                                InputGram(layer, layers[layer.name], per_image, seed + len(observers)))
     gm.recompile()
     return observers

@@ -15,7 +15,8 @@ from torch import Tensor, fx, nn
 from mct_fx.graph_utils import TRANSPOSED_CONVS, groups_of, quantizer_nodes
 from mct_fx.quantizers.modules import WeightQuantizer
 
-__all__ = ["InputMeans", "quantized_layers", "observe_layer_inputs", "remove_observers", "expand_to_weight"]
+__all__ = ["InputMeans", "quantized_layers", "observe_layer_inputs", "insert_observer", "remove_observers",
+           "expand_to_weight"]
 
 
 class InputMeans(nn.Module):
@@ -56,15 +57,21 @@ def observe_layer_inputs(gm: fx.GraphModule) -> dict[str, InputMeans]:
     """Insert an :class:`InputMeans` before every quantized layer; returns them by layer name."""
     observers = {}
     for layer, _, _ in quantized_layers(gm):
-        name = f"{layer.name}_input_mean"
-        obs = InputMeans(channel_dim=-1 if layer.target is F.linear else 1)
-        gm.add_submodule(name, obs)
-        with gm.graph.inserting_before(layer):
-            node = gm.graph.call_module(name, (layer.args[0],))
-        layer.update_arg(0, node)
-        observers[layer.name] = obs
+        observers[layer.name] = insert_observer(gm, layer, "input_mean",
+                                                InputMeans(channel_dim=-1 if layer.target is F.linear else 1))
     gm.recompile()
     return observers
+
+
+def insert_observer(gm: fx.GraphModule, layer: fx.Node, suffix: str, observer: nn.Module) -> nn.Module:
+    """Put the identity ``observer`` (as ``<layer>_<suffix>``) between ``layer`` and its input; returns it.
+    The caller recompiles."""
+    name = f"{layer.name}_{suffix}"
+    gm.add_submodule(name, observer)
+    with gm.graph.inserting_before(layer):
+        node = gm.graph.call_module(name, (layer.args[0],))
+    layer.update_arg(0, node)
+    return observer
 
 
 def remove_observers(gm: fx.GraphModule, cls: type[nn.Module] = InputMeans) -> fx.GraphModule:
