@@ -28,7 +28,7 @@ from mct_fx.passes.align_pot import alignment_factors, apply_alignment
 from mct_fx.passes.calibrate import calibrate
 from mct_fx.passes.freeze import freeze_quantizers
 from mct_fx.passes.input_gram import InputGram, observe_input_grams
-from mct_fx.passes.layer_inputs import observe_layer_inputs, quantized_layers, remove_observers
+from mct_fx.passes.layer_inputs import InputMeans, observe_layer_inputs, quantized_layers, remove_observers
 from mct_fx.passes.optq_rounding import optq_layers, round_with_optq
 from mct_fx.passes.softmax_shift import shift_softmax_inputs
 from mct_fx.passes.unify_concat import unify_concat_grids
@@ -149,8 +149,7 @@ def _observe_inputs(r: _Run) -> None:
 
 def _remove_observers(r: _Run) -> None:
     r.input_means = {name: obs.mean() for name, obs in r.observers.items()}
-    remove_observers(r.gm)
-    remove_observers(r.gm, InputGram)
+    remove_observers(r.gm, (InputMeans, InputGram))  # one recompile for both kinds
 
 
 def _align(r: _Run) -> None:

@@ -74,8 +74,10 @@ def insert_observer(gm: fx.GraphModule, layer: fx.Node, suffix: str, observer: n
     return observer
 
 
-def remove_observers(gm: fx.GraphModule, cls: type[nn.Module] = InputMeans) -> fx.GraphModule:
-    """Take every identity observer of class ``cls`` (:class:`InputMeans` by default) out of the graph."""
+def remove_observers(gm: fx.GraphModule, cls: type[nn.Module] | tuple[type[nn.Module], ...] = InputMeans
+                     ) -> fx.GraphModule:
+    """Take every identity observer of class ``cls`` (a class or a tuple; :class:`InputMeans` by default) out of
+    the graph."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), cls):
             node.replace_all_uses_with(node.args[0])
