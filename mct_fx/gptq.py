@@ -224,6 +224,10 @@ def gptq(model: nn.Module, calib_loader: Iterable, tpc: TPCLike = "imx500", conf
     """
     config = config or GPTQConfig()
     quant_config = quant_config or QuantConfig()
+    if config.rounding is Rounding.SOFT and quant_config.optq is not None:
+        raise ValueError("GPTQConfig(rounding='soft') learns the rounding up or down from the float weights; "
+                         "quant_config.optq would have rounded them already (use rounding='ste', which starts "
+                         "from OPTQ's rounding, or leave optq out)")
     if config.rounding is Rounding.SOFT:  # soft rounding starts at the float weight: PTQ's corrections would not fit
         quant_config = replace(quant_config, weights_bias_correction=False, weights_second_moment_correction=False)
     elif quant_config.weights_second_moment_correction == "auto":

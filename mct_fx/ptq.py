@@ -25,6 +25,7 @@ from mct_fx.meta import ALIGNMENT, CORRECTION, OPTQ, SUMMARY
 from mct_fx.mixed_precision.corrections import expected_correction
 from mct_fx.mixed_precision.search import MixedPrecisionResult, MixedPrecisionSearch
 from mct_fx.passes.align_pot import alignment_factors, apply_alignment
+from mct_fx.passes.bias_correction import correct_biases
 from mct_fx.passes.calibrate import calibrate
 from mct_fx.passes.freeze import freeze_quantizers
 from mct_fx.passes.input_gram import InputGram, observe_input_grams
@@ -229,9 +230,13 @@ def _finish(gm: fx.GraphModule, kept: list, input_means: dict[str, Tensor], gram
         unify_concat_grids(gm)
     if config.optq is None:
         return correct_weight_errors(gm, kept, input_means, config)
-    gm.meta[OPTQ] = report = round_with_optq(gm, grams, config.optq, config.weights_bias_correction)
+    gm.meta[OPTQ] = report = round_with_optq(gm, grams, config)
     log.info("%s", report)
-    return BIAS if config.weights_bias_correction else NONE
+    if not config.weights_bias_correction:
+        return NONE
+    correct_biases(gm, {n: m for n, m in input_means.items() if n in report.kept}, config.weights_error_method,
+                   config.lp_norm)  # the layers OPTQ kept at the nearest rounding
+    return BIAS
 
 
 def _search(gm: fx.GraphModule, search: MixedPrecisionSearch, images: list, kept: list,

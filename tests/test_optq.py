@@ -57,9 +57,9 @@ def test_uncorrelated_unit_inputs_give_round_to_nearest():
 def test_groups_in_one_call_are_rounded_as_if_alone_and_block_size_does_not_matter():
     w, gram, scale, zp = _layer(groups=3)
     together = optq_round(w, gram, scale, zp, -8, 7, block_size=16)
-    for g in range(3):
+    for g in range(3):  # the same arithmetic per group; a BLAS may still sum in another order, flipping a tie
         alone = optq_round(w[g:g + 1], gram[g:g + 1], scale[g:g + 1], zp[g:g + 1], -8, 7, block_size=16)
-        assert torch.equal(together[g:g + 1], alone), g
+        assert float((together[g:g + 1] != alone).float().mean()) < 1e-3, g
     other = optq_round(w, gram, scale, zp, -8, 7, block_size=128)  # the same sums in another order
     assert float((other != together).float().mean()) < 1e-3  # measured 1.4e-4: a float tie flips a code
     assert _output_error(w, other, gram) == pytest.approx(_output_error(w, together, gram), rel=1e-4)
@@ -72,6 +72,8 @@ def test_a_dead_input_gets_plain_rounding_and_a_rank_deficient_moment_factorizes
     q = optq_round(w, gram, scale, zp, -8, 7)
     assert torch.isfinite(q).all()
     assert torch.equal(q[:, :, 3], _nearest(w, scale, zp, -8, 7)[:, :, 3])
+    # the dead input's stand-in energy follows the live ones: small activations round as large ones do
+    assert float((optq_round(w, 1e-4 * gram, scale, zp, -8, 7) != q).float().mean()) < 1e-2
 
 
 def test_bad_shapes_and_damping_fail_early():
@@ -88,6 +90,8 @@ def test_bad_shapes_and_damping_fail_early():
         mct_fx.QuantConfig(optq=mct_fx.OPTQConfig(), weights_second_moment_correction=True)
     with pytest.raises(TypeError, match="OPTQConfig"):
         mct_fx.QuantConfig(optq=True)
+    with pytest.raises(ValueError, match="soft"):  # before any work: the model is not even traced
+        mct_fx.gptq(nn.Linear(2, 2), [torch.randn(2, 2)], W4, mct_fx.GPTQConfig(rounding="soft"), quant_config=OPTQ)
 
 
 class _Node:
@@ -149,7 +153,7 @@ def test_optq_result_is_an_ordinary_quantized_model_closer_to_float(tmp_path):
     mct_fx.export_onnx(q, data[0][:1], tmp_path / "q.onnx")
 
 
-def test_layers_optq_does_not_take_keep_ptq_rounding_and_are_listed():
+def test_layers_optq_does_not_take_keep_ptq_rounding_and_bias_correction_and_are_listed():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -162,12 +166,13 @@ def test_layers_optq_does_not_take_keep_ptq_rounding_and_are_listed():
 
     model = Net().eval()
     data = [torch.randn(4, 3, 8, 8) for _ in range(3)]
-    ptq = mct_fx.quantize(model, data, W4, mct_fx.QuantConfig(weights_bias_correction=False), verbose=False)
+    ptq = mct_fx.quantize(model, data, W4, mct_fx.QuantConfig(weights_second_moment_correction=False), verbose=False)
     q = mct_fx.quantize(model, data, W4, OPTQ, verbose=False)
     report = q.meta["mct_fx.optq"]
     assert report.kept == ("up",) and report.layers == ("conv", "fc"), report
-    w = {n: v for n, v in q.state_dict().items() if n.endswith("weight")}
-    assert torch.equal(w["up.weight"], ptq.state_dict()["up.weight"])  # float weight, PTQ's nearest rounding
+    ours, theirs = q.state_dict(), ptq.state_dict()
+    assert torch.equal(ours["up.weight"], theirs["up.weight"])  # float weight, PTQ's nearest rounding
+    assert not torch.equal(ours["up.bias"], model.up.bias) and torch.allclose(ours["up.bias"], theirs["up.bias"])
 
 
 @pytest.mark.parametrize("name, gain", [("resnet18", 0.5), ("regnet_y_400mf", 0.25)])

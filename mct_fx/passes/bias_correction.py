@@ -20,7 +20,7 @@ from mct_fx.passes.layer_inputs import expand_to_weight, quantized_layers
 from mct_fx.quantizers.modules import WeightQuantizer
 from mct_fx.quantizers.search import ErrorMethod
 
-__all__ = ["add_missing_biases", "correct_biases", "output_shift"]
+__all__ = ["add_missing_biases", "correct_biases", "output_shift", "subtract_from_bias"]
 
 
 def add_missing_biases(gm: fx.GraphModule) -> fx.GraphModule:
@@ -68,16 +68,25 @@ def correct_biases(gm: fx.GraphModule, input_means: dict[str, Tensor],
         if mean is None or q.mode != "frozen":
             continue
         weight = attr_value(gm, qnode.args[0])
-        bias_src = layer.args[2]
-        bias_quant = None
-        if isinstance(bias_src, fx.Node) and bias_src.op == "call_module":
-            bias_quant, bias_src = gm.get_submodule(bias_src.target), bias_src.args[0]
-        bias = attr_value(gm, bias_src)
-        if bias is None:
-            continue
         with torch.no_grad():
             delta = (q(weight) - weight).double()
-            bias -= output_shift(layer, delta, mean.double()).to(bias.dtype)
-        if isinstance(bias_quant, WeightQuantizer) and bias_quant.mode == "frozen":
-            bias_quant.freeze(bias, error, p)
+            subtract_from_bias(gm, layer, output_shift(layer, delta, mean.double()), error, p)
     return gm
+
+
+def subtract_from_bias(gm: fx.GraphModule, layer: fx.Node, shift: Tensor, error: ErrorMethod = ErrorMethod.MSE,
+                       p: float = 2.0) -> bool:
+    """``bias -= shift`` for ``layer`` (no bias: nothing, returns False); a frozen bias quantizer is frozen
+    again on the new bias, so the corrected bias is not clipped to the old grid."""
+    bias_src = layer.args[2] if len(layer.args) > 2 else None
+    bias_quant = None
+    if isinstance(bias_src, fx.Node) and bias_src.op == "call_module":
+        bias_quant, bias_src = gm.get_submodule(bias_src.target), bias_src.args[0]
+    bias = attr_value(gm, bias_src)
+    if bias is None:
+        return False
+    with torch.no_grad():
+        bias -= shift.to(bias.device, bias.dtype)
+    if isinstance(bias_quant, WeightQuantizer) and bias_quant.mode == "frozen":
+        bias_quant.freeze(bias, error, p)
+    return True

@@ -4,8 +4,8 @@
 is given.  For a linear layer an input vector is a row of its input; for a
 convolution it is the receptive field of one output position (the patch the
 kernel multiplies, zero padding included, in the kernel's ``(channel, kh, kw)``
-order), split by groups.  Each image contributes a seeded random sample of
-``per_image`` vectors (on average): a middle layer of a detector has ~10⁴
+order), split by groups.  Each image contributes a seeded random sample (with
+replacement) of ``per_image`` vectors (on average): a middle layer of a detector has ~10⁴
 positions per image, and a few thousand vectors over the calibration set
 estimate ``E[x xᵀ]`` as well as all of them.  :func:`remove_observers` (from
 :mod:`mct_fx.passes.layer_inputs`) takes them out again.
@@ -41,12 +41,14 @@ class InputGram(nn.Module):
         self.count = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        t = x.detach().float()
+        t = x.detach()
         wanted = self.per_image * (t.shape[0] if t.dim() > 1 else 1)
         v = self.conv.patches(t, wanted, self._pick) if self.conv else self._rows(t, wanted)
-        v = v.reshape(v.shape[0], self.groups, -1).transpose(0, 1)  # [G, n, D]
-        if self.gram is not None and self.gram.shape[-1] != v.shape[-1]:
-            return x  # a batch the layer cannot take: let the layer itself raise
+        width = v.shape[1] // self.groups
+        if v.shape[0] == 0 or width * self.groups != v.shape[1] or (
+                self.gram is not None and self.gram.shape[-1] != width):
+            return x  # an empty batch, or one the layer cannot take: let the layer itself raise
+        v = v.float().reshape(v.shape[0], self.groups, width).transpose(0, 1)  # [G, n, D]
         gram, total = torch.bmm(v.transpose(1, 2), v), v.sum(1)
         if self.gram is None:
             self.gram, self.sum = gram, total

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from mct_fx.config import OPTQConfig
-from mct_fx.graph_utils import attr_value, layer_bias
+from mct_fx.config import QuantConfig
+from mct_fx.graph_utils import attr_value
+from mct_fx.passes.bias_correction import subtract_from_bias
 from mct_fx.passes.input_gram import GRAM_LAYERS, InputGram
 from mct_fx.passes.layer_inputs import quantized_layers
 from mct_fx.quantizers.modules import WeightQuantizer
@@ -70,21 +71,21 @@ def optq_layers(gm: fx.GraphModule) -> dict[str, torch.Size]:
 
 
 @torch.no_grad()
-def round_with_optq(gm: fx.GraphModule, inputs: dict[str, InputGram], config: OPTQConfig,
-                    correct_bias: bool) -> OPTQReport:
-    """Round the kernels of the layers in ``inputs`` with OPTQ on their frozen grids; with ``correct_bias``,
-    subtract the mean output shift left by the rounding from each bias.
+def round_with_optq(gm: fx.GraphModule, inputs: dict[str, InputGram], config: QuantConfig) -> OPTQReport:
+    """Round the kernels of the layers in ``inputs`` with ``config.optq`` on their frozen grids; with
+    ``config.weights_bias_correction``, subtract the mean output shift left by the rounding from each bias
+    (the layers OPTQ keeps, listed in the report, are the caller's to correct).
 
     Layers whose rows read as many inputs on the same integer range are rounded in
     one call, as groups of one batch (rows padded with zeros to the widest layer):
     the column sweep is sequential, so one sweep for many layers is what makes it fast.
     """
     start = time.perf_counter()
+    settings = config.optq
     layers, kept = {}, []
     for layer, qnode, q in quantized_layers(gm):
         if layer.name in inputs and q.mode == "frozen" and q.affine and inputs[layer.name].count:
-            bias = layer_bias(gm, layer) if correct_bias else None
-            layers[layer.name] = (attr_value(gm, qnode.args[0]), q, bias)
+            layers[layer.name] = (attr_value(gm, qnode.args[0]), q, layer)
         else:
             kept.append(layer.name)
     buckets: dict[tuple[int, int, int], list[str]] = {}
@@ -97,14 +98,14 @@ def round_with_optq(gm: fx.GraphModule, inputs: dict[str, InputGram], config: OP
                    for t, fill in zip(part, (0.0, 1.0, 0.0), strict=True)] for part in parts]
         rows, scale, zero_point = (torch.cat(ts) for ts in zip(*padded, strict=True))
         gram = torch.cat([inputs[name].second_moment() for name in names])
-        rounded = optq_round(rows, gram, scale, zero_point, qmin, qmax, damp=config.damp,
-                             block_size=config.block_size, act_order=config.act_order)
+        rounded = optq_round(rows, gram, scale, zero_point, qmin, qmax, damp=settings.damp,
+                             block_size=settings.block_size, act_order=settings.act_order)
         for name, part, out in zip(names, parts, rounded.split([p[0].shape[0] for p in parts]), strict=True):
-            weight, _, bias = layers[name]
+            weight, _, layer = layers[name]
             out = out[:, :part[0].shape[1]]
-            if bias is not None:
+            if config.weights_bias_correction:
                 shift = ((out - part[0]) * inputs[name].mean()[:, None, :]).sum(2).reshape(-1)
-                bias.sub_(shift.to(bias.dtype))
+                subtract_from_bias(gm, layer, shift, config.weights_error_method, config.lp_norm)
             weight.copy_(out.reshape(weight.shape).to(weight.dtype))
     vectors = max((inputs[name].count for name in layers), default=0)
     return OPTQReport(tuple(layers), tuple(kept), vectors, time.perf_counter() - start)

@@ -52,7 +52,9 @@ def optq_round(weight: Tensor, gram: Tensor, scale: Tensor, zero_point: Tensor, 
     w = weight.detach().float()
     h = gram.detach().float().clone()
     diag = h.diagonal(dim1=1, dim2=2)
-    diag[diag <= 0] = 1.0  # dead input: unit energy, no coupling (its row and column are zero)
+    dead = diag <= 0  # an input that is always zero: its row and column are zero, it couples to nothing
+    live = (diag * ~dead).sum(1, keepdim=True) / (~dead).sum(1, keepdim=True).clamp_min(1)
+    diag[dead] = torch.where(live > 0, live, torch.ones_like(live)).expand_as(diag)[dead]  # keeps H's scale
     diag += damp * diag.mean(1, keepdim=True)
     perm = torch.argsort(diag, dim=1, descending=True) if act_order else None
     if perm is not None:
