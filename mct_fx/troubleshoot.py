@@ -220,8 +220,8 @@ def _unexplained_knob(row: LayerComparison, act_sqnr: float | None) -> str:
     if act_sqnr is not None and act_sqnr < row.metrics["sqnr"] + 3:  # its own activation grid is the bottleneck
         return (f"its activation grid is the bottleneck (range vs resolution): try LayerOverride(name='{row.node}', "
                 "activation_error_method='mse'|'mae'|'noclipping') or QuantConfig(z_threshold=...)")
-    return ("errors accumulate here: mct_fx.gptq (learned rounding against the float model) or "
-            "weights_error_method='hmse'")
+    return ("errors accumulate here: QuantConfig(optq=OPTQConfig()) (rounding with error feedback, seconds), "
+            "mct_fx.gptq (learned rounding against the float model) or weights_error_method='hmse'")
 
 
 def _causes(row: LayerComparison, gm: fx.GraphModule, rows: dict[str, LayerComparison], cfg: TroubleshootConfig,
