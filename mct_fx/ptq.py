@@ -163,7 +163,7 @@ def _align(r: _Run) -> None:
 
 
 def _correct(r: _Run) -> None:
-    r.gm.meta[CORRECTION] = _finish(r.gm, r.kept, r.input_means, r.grams, r.config, unify=False)
+    r.gm.meta[CORRECTION] = _round_and_correct(r.gm, r.kept, r.input_means, r.grams, r.config)
 
 
 def _hessians(r: _Run) -> None:
@@ -223,11 +223,16 @@ STAGES: tuple[Stage[_Run], ...] = (
 
 
 def _finish(gm: fx.GraphModule, kept: list, input_means: dict[str, Tensor], grams: dict[str, InputGram],
-            config: QuantConfig, unify: bool = True) -> str:
-    """Concat grids (when asked and ``unify``), OPTQ rounding (when asked) and the weight-error correction;
-    returns the correction kept."""
-    if unify and config.concat_threshold_update:
+            config: QuantConfig) -> str:
+    """Concat grids (when asked), then :func:`_round_and_correct`; returns the correction kept."""
+    if config.concat_threshold_update:
         unify_concat_grids(gm)
+    return _round_and_correct(gm, kept, input_means, grams, config)
+
+
+def _round_and_correct(gm: fx.GraphModule, kept: list, input_means: dict[str, Tensor], grams: dict[str, InputGram],
+                       config: QuantConfig) -> str:
+    """OPTQ rounding (when asked) and the weight-error correction; returns the correction kept."""
     if config.optq is None:
         return correct_weight_errors(gm, kept, input_means, config)
     gm.meta[OPTQ] = report = round_with_optq(gm, grams, config)

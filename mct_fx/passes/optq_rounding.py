@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -52,15 +53,13 @@ class OPTQReport:
 def optq_layers(gm: fx.GraphModule) -> dict[str, torch.Size]:
     """``{layer: weight shape}`` of the layers OPTQ can round (which inputs to gather); the others are logged."""
     found = quantized_layers(gm)
-    readers: dict[int, int] = {}
-    for _, qnode, _ in found:
-        readers[id(qnode)] = readers.get(id(qnode), 0) + 1
+    readers = Counter(qnode for _, qnode, _ in found)
     layers = {}
     for layer, qnode, q in found:
         weight = attr_value(gm, qnode.args[0])
         why = ("a look-up-table grid" if not q.affine
                else getattr(layer.target, "__name__", str(layer.target)) if layer.target not in GRAM_LAYERS
-               else "a weight two layers read" if readers[id(qnode)] > 1
+               else "a weight two layers read" if readers[qnode] > 1
                else "no weight tensor" if weight is None
                else f"a grid along axis {q.axis}" if q.axis not in (None, 0) else None)
         if why:
@@ -115,10 +114,6 @@ def _rows_and_grid(weight: Tensor, quantizer: WeightQuantizer, groups: int) -> t
     """The weight as ``[G, O/G, D]`` rows and its scale and zero point per row (``[G, O/G, 1]``)."""
     rows = weight.detach().float().reshape(groups, weight.shape[0] // groups, -1)
     shape = (groups, rows.shape[1], 1)
-    per_channel = quantizer.axis is not None and quantizer.scale.numel() > 1
-
-    def per_row(t: Tensor) -> Tensor:
-        return t.float().reshape(groups, -1, 1).expand(shape) if per_channel else t.float().reshape(1, 1, 1).expand(
-            shape)
-
-    return rows, per_row(quantizer.scale), per_row(quantizer.zero_point)
+    grid = (groups, -1, 1) if quantizer.axis is not None and quantizer.scale.numel() > 1 else (1, 1, 1)
+    return rows, quantizer.scale.float().reshape(grid).expand(shape), quantizer.zero_point.float().reshape(
+        grid).expand(shape)
